@@ -1,0 +1,153 @@
+"""``ReCUConv2d``: a drop-in ``nn.Conv2d`` with ReCU binary weights and binary activations.
+
+Xu et al., "ReCU: Reviving the Dead Weights in Binary Neural Networks", ICCV 2021. The layer keeps
+``nn.Conv2d``'s constructor and its ``weight`` / ``bias`` parameters (the latent float weights), and
+adds a per-output-channel scale ``alpha`` and the ReCU quantile ``tau``. Its deployable form is
+:meth:`ReCUConv2d.sign_bits` (the signs of the centred weights) plus ``alpha`` (and ``bias``), which
+fold into a following BatchNorm.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from binarize.nn.functional import binary_sign, recu_weight, sign_conv2d
+
+__all__ = ["ReCUConv2d", "DEFAULT_TAU"]
+
+DEFAULT_TAU = 0.85
+"""Initial tau: the start of the paper's schedule, so ReCU is active even outside binarize's engine."""
+
+
+class ReCUConv2d(nn.Conv2d):
+    """Conv2d with 1-bit weights and 1-bit activations, trained with ReCU.
+
+    Forward: ``alpha_o * conv2d(sign(x), sign(W - mean_o)) + bias``; see
+    :mod:`binarize.nn.functional` for the gradients. The padding is zero padding of the binary
+    input (border taps contribute 0); other ``padding_mode`` values pad the input before the sign.
+
+    Args:
+        *args: As for ``nn.Conv2d``.
+        binarize_weights: If False the float weights are used as they are (no ``alpha``) and only
+            the activations are binarized: the first stage of two-stage training (ReActNet).
+        **kwargs: As for ``nn.Conv2d``.
+
+    Attributes:
+        alpha: Learnable per-output-channel scale, initialised by :meth:`reset_alpha`.
+        tau: 0-dim float32 buffer, the ReCU quantile; update it in place (``layer.tau.fill_(v)``).
+
+    Example::
+
+        >>> conv = nn.Conv2d(16, 32, 3, padding=1, bias=False)
+        >>> layer = ReCUConv2d.from_float(conv)
+        >>> layer(torch.randn(2, 16, 8, 8)).shape
+        torch.Size([2, 32, 8, 8])
+    """
+
+    def __init__(self, *args, binarize_weights: bool = True, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if isinstance(self.padding, str):
+            self.padding = _numeric_padding(self.padding, self.kernel_size, self.dilation)
+        self.binarize_weights = binarize_weights
+        self.alpha = nn.Parameter(torch.empty(self.out_channels, device=self.weight.device, dtype=self.weight.dtype))
+        self.register_buffer("tau", torch.tensor(DEFAULT_TAU, dtype=torch.float32, device=self.weight.device))
+        self.reset_alpha()
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, weight: Tensor | None = None, *, binarize_weights: bool = True) -> ReCUConv2d:
+        """Builds the binary layer from a float convolution, copying its weights unchanged.
+
+        Args:
+            conv: The float convolution; it is not modified.
+            weight: The effective float weight, when ``conv`` computes one in its forward
+                (weight-standardised convolutions); ``conv.weight`` otherwise.
+            binarize_weights: See the class docstring.
+        """
+        reason = cls.unsupported_reason(conv)
+        if reason is not None:
+            raise ValueError(f"cannot binarize {type(conv).__name__}: {reason}")
+        layer = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            groups=conv.groups,
+            bias=conv.bias is not None,
+            padding_mode=conv.padding_mode,
+            device=conv.weight.device,
+            dtype=conv.weight.dtype,
+            binarize_weights=binarize_weights,
+        )
+        with torch.no_grad():
+            layer.weight.copy_(conv.weight if weight is None else weight)
+            if conv.bias is not None:
+                layer.bias.copy_(conv.bias)
+        layer.reset_alpha()
+        return layer
+
+    @staticmethod
+    def unsupported_reason(conv: nn.Conv2d) -> str | None:
+        """Why ``conv``'s settings cannot be binarized, or None when they can."""
+        if isinstance(conv.padding, str):
+            try:
+                _numeric_padding(conv.padding, conv.kernel_size, conv.dilation)
+            except ValueError as err:
+                return str(err)
+        return None
+
+    @torch.no_grad()
+    def reset_alpha(self) -> None:
+        """Sets ``alpha`` to the mean absolute centred weight of each output channel.
+
+        This is the L1-optimal scale of ``sign(W - mean_o)`` (XNOR-Net style), so a converted layer
+        starts with the magnitude of the pretrained one; ReCU's code initialises it at random.
+        """
+        w = self.weight.detach().float()
+        dims = tuple(range(1, w.dim()))
+        self.alpha.copy_((w - w.mean(dim=dims, keepdim=True)).abs().mean(dim=dims))
+
+    def binary_weight(self) -> Tensor:
+        """The weight the forward pass uses: ``alpha_o * sign(W - mean_o)``, or the float weight."""
+        if not self.binarize_weights:
+            return self.weight
+        return recu_weight(self.weight, self.alpha, self.tau)
+
+    @torch.no_grad()
+    def sign_bits(self) -> Tensor:
+        """Deployable 1-bit weights: True where ``W - mean_o >= 0`` (+1), False for -1."""
+        w = self.weight.float()
+        dims = tuple(range(1, w.dim()))
+        return binary_sign(w - w.mean(dim=dims, keepdim=True)) > 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        padding = self.padding
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding = (0, 0)
+        return sign_conv2d(
+            x, self.binary_weight(), self.bias, self.stride, padding, self.dilation, self.groups, self.training
+        )
+
+    def _apply(self, fn, recurse=True):
+        # ``tau`` stays float32 whatever dtype the module is cast to: a bf16 tau would move Q.
+        super()._apply(fn, recurse)
+        if self.tau.dtype != torch.float32:
+            self.tau = self.tau.float()
+        return self
+
+    def extra_repr(self) -> str:
+        extra = "" if self.binarize_weights else ", binarize_weights=False"
+        return super().extra_repr() + extra
+
+
+def _numeric_padding(padding: str, kernel_size: tuple[int, ...], dilation: tuple[int, ...]) -> tuple[int, int]:
+    if padding == "valid":
+        return (0, 0)
+    total = [d * (k - 1) for k, d in zip(kernel_size, dilation)]
+    if any(t % 2 for t in total):
+        raise ValueError("padding='same' with an even kernel extent pads asymmetrically")
+    return tuple(t // 2 for t in total)
