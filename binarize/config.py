@@ -141,7 +141,7 @@ def _convert(value: Any, hint: Any, path: str) -> Any:
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(value) != len(args):
                 raise ConfigError(f"{path}: expected a list of {len(args)} values, got {len(value)}")
-            return tuple(_convert(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+            return tuple(_convert(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
         item = args[0] if args else Any
         return tuple(_convert(v, item, f"{path}[{i}]") for i, v in enumerate(value))
     if origin is dict:

@@ -147,7 +147,7 @@ class ReCUConv2d(nn.Conv2d):
 def _numeric_padding(padding: str, kernel_size: tuple[int, ...], dilation: tuple[int, ...]) -> tuple[int, int]:
     if padding == "valid":
         return (0, 0)
-    total = [d * (k - 1) for k, d in zip(kernel_size, dilation)]
+    total = [d * (k - 1) for k, d in zip(kernel_size, dilation, strict=True)]
     if any(t % 2 for t in total):
         raise ValueError("padding='same' with an even kernel extent pads asymmetrically")
     return tuple(t // 2 for t in total)

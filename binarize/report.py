@@ -1,0 +1,172 @@
+"""What a conversion did, layer by layer, and what the binary model costs.
+
+Counting conventions (those of the BNN literature, e.g. Bi-Real Net and ReActNet):
+
+* ``bops``: multiply-accumulates of the binary convolutions for one input image (each is one
+  XNOR-popcount bit operation);
+* ``flops``: multiply-accumulates of the float convolutions and linear layers for one image;
+* ``ops = flops + bops / 64`` (a 64-bit word computes 64 binary MACs at once);
+* ``fp32_bytes``: every parameter and floating-point buffer stored as float32;
+* ``packed_bytes``: binary weights at 1 bit each, everything else as float32 (the deployable form:
+  the scale ``alpha`` folds into the next BatchNorm but is still counted).
+
+The ReCU quantile ``tau`` is training state and counts in neither size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from binarize.convert import binarize_meta
+from binarize.nn import ReCUConv2d
+from binarize.trace import default_example_inputs, unwrap
+
+__all__ = ["LayerEntry", "Report", "inspect"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerEntry:
+    """One convolution or linear layer of the model.
+
+    Args:
+        name: Qualified module name.
+        op: Module class name (``ReCUConv2d``, ``Conv2d``, ``Linear``, ...).
+        shape: Weight shape.
+        decision: ``binary`` or ``float``.
+        reason: Why (``first conv``, ``depthwise``, ``user rule keep:layer4.*``, ``binarized``, ...).
+        macs: Multiply-accumulates for one input image (0 if the layer did not run).
+    """
+
+    name: str
+    op: str
+    shape: list[int]
+    decision: str
+    reason: str
+    macs: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+    """The layers of a (converted) model and a summary of its costs."""
+
+    layers: tuple[LayerEntry, ...]
+    summary: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"layers": [...], "summary": {...}}`` with plain JSON types."""
+        return {"layers": [dataclasses.asdict(e) for e in self.layers], "summary": dict(self.summary)}
+
+
+@torch.no_grad()
+def _count_macs(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> dict[str, int]:
+    macs: dict[str, int] = {}
+    handles = []
+
+    def hook(name):
+        def count(module, args, out):
+            per_image = out[0].numel() if out.dim() > 1 else out.numel()
+            if isinstance(module, nn.Conv2d):
+                fan_in = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+            else:
+                fan_in = module.in_features
+            macs[name] = macs.get(name, 0) + per_image * fan_in
+
+        return count
+
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            handles.append(module.register_forward_hook(hook(name)))
+    was_training = model.training
+    model.eval()
+    try:
+        model(*example_inputs)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return macs
+
+
+def _tensor_bytes(model: nn.Module) -> tuple[int, int, int]:
+    """(parameter count, float32 bytes of all state, float32 bytes of the binary layers' weights)."""
+    params = sum(p.numel() for p in model.parameters())
+    state = sum(p.numel() for p in model.parameters())
+    for name, buf in model.named_buffers():
+        if buf.is_floating_point() and not name.endswith(".tau") and name != "tau":
+            state += buf.numel()
+    binary_weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, ReCUConv2d) and m.binarize_weights)
+    return params, 4 * state, 4 * binary_weights
+
+
+def inspect(model: nn.Module, example_inputs: Sequence[torch.Tensor] | None = None) -> Report:
+    """The report of a model: every conv/linear layer with its decision, and the cost summary.
+
+    Works on any model; a converted one (also one loaded by :func:`binarize.load`) carries the
+    decisions and reasons of its conversion, other layers are described by their type.
+
+    Args:
+        model: The model.
+        example_inputs: Inputs to count MACs with; by default one image of the size used at
+            conversion (else the timm input size, else 3x224x224).
+
+    Example::
+
+        >>> report = inspect(binary_model)
+        >>> report.to_dict()["summary"]["binary_convs"]
+        16
+    """
+    model = unwrap(model)
+    meta = binarize_meta(model) or {}
+    if example_inputs is None:
+        example_inputs = default_example_inputs(model, meta.get("input_size"))
+    macs = _count_macs(model, example_inputs)
+    recorded = meta.get("layers", {})
+    layers = []
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.Conv2d, nn.Linear)):
+            continue
+        binary = isinstance(module, ReCUConv2d)
+        reason = recorded.get(name, {}).get("reason") or ("binarized" if binary else "not converted")
+        if binary and not module.binarize_weights:
+            reason += " (activations only)"
+        layers.append(
+            LayerEntry(
+                name=name,
+                op=type(module).__name__,
+                shape=list(module.weight.shape),
+                decision="binary" if binary else "float",
+                reason=reason,
+                macs=int(macs.get(name, 0)),
+            )
+        )
+    bops = sum(e.macs for e in layers if e.decision == "binary")
+    flops = sum(e.macs for e in layers if e.decision == "float")
+    params, fp32_bytes, binary_fp32 = _tensor_bytes(model)
+    packed_binary = sum(
+        (m.weight.numel() + 7) // 8 for m in model.modules() if isinstance(m, ReCUConv2d) and m.binarize_weights
+    )
+    summary = {
+        "binary_convs": sum(e.decision == "binary" for e in layers),
+        "float_convs": sum(e.decision == "float" and e.op != "Linear" for e in layers),
+        "float_linears": sum(e.op == "Linear" for e in layers),
+        "binary_mac_fraction": bops / (bops + flops) if bops + flops else 0.0,
+        "params": params,
+        "fp32_bytes": fp32_bytes,
+        "packed_bytes": fp32_bytes - binary_fp32 + packed_binary,
+        "bops": bops,
+        "flops": flops,
+        "ops": flops + bops / 64,
+        "traced": meta.get("traced"),
+        "input_size": [int(s) for s in example_inputs[0].shape[1:]],
+        "activations_replaced": len(meta.get("activations_replaced", [])),
+        "shortcuts_added": len(meta.get("shortcuts", {})),
+        "policy": meta.get("policy"),
+    }
+    if meta.get("trace_error"):
+        summary["trace_error"] = meta["trace_error"]
+    return Report(tuple(layers), summary)
