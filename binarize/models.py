@@ -13,10 +13,12 @@ Names are looked up in registries, never evaluated.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
 import importlib.util
 import inspect as pyinspect
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,9 @@ from binarize.weights import load_weights, read_state_dict
 __all__ = ["create_model", "parse_spec", "SOURCE_ATTR"]
 
 SOURCE_ATTR = "binarize_source"
-_NETWORK_HINTS = ("connection", "resolve", "network", "offline", "timed out", "urlopen", "hub", "max retries")
+_NETWORK_HINTS = (
+    "connection", "resolve", "network", "offline", "timed out", "urlopen", "hub", "max retries", "localentrynotfound",
+)  # fmt: skip
 
 
 def parse_spec(spec: str) -> tuple[str, str, str | None]:
@@ -57,6 +61,30 @@ def _is_network_error(err: BaseException) -> bool:
     return isinstance(err, (ConnectionError, TimeoutError, OSError)) or any(h in text for h in _NETWORK_HINTS)
 
 
+@contextlib.contextmanager
+def _hub_offline_when_unreachable(host: str = "huggingface.co"):
+    """Hugging Face Hub offline mode when ``host`` does not resolve: cached weights still load, and a
+    missing file fails at once instead of after a minute of retries."""
+    try:
+        socket.getaddrinfo(host, 443)
+        reachable = True
+    except OSError:
+        reachable = False
+    if reachable:
+        yield
+        return
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        yield
+        return
+    previous, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = previous
+
+
 def _timm_model(name: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
     import timm
 
@@ -65,7 +93,8 @@ def _timm_model(name: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Modul
     if not timm.is_model(name):
         raise ModelSpecError(f"unknown model '{name}'{_closest(name, timm.list_models())}")
     try:
-        return timm.create_model(name, pretrained=pretrained, **kwargs)
+        with _hub_offline_when_unreachable() if pretrained else contextlib.nullcontext():
+            return timm.create_model(name, pretrained=pretrained, **kwargs)
     except ModelSpecError:
         raise
     except Exception as err:

@@ -1,0 +1,25 @@
+"""The ``binarize`` application: one command per module of this package."""
+
+from __future__ import annotations
+
+import typer
+
+from binarize.cli.convert import convert_command
+from binarize.cli.inspect import inspect_command
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="binarize",
+    help="Turn a pretrained float model into a ReCU binary network and fine-tune it back.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+app.command("convert")(convert_command)
+app.command("inspect")(inspect_command)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
