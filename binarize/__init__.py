@@ -8,26 +8,34 @@ The public API::
     binarize.recalibrate_bn(binary, batches)
     print(binarize.inspect(binary).to_dict()["summary"])
     binarize.save(binary, "resnet20-binary.safetensors")
+    result = binarize.finetune(float_model, "cifar10-resnet20-posthoc", data_dir="cifar10", output_dir="runs/r20")
 """
 
 from binarize._version import __version__
 from binarize.convert import binarize_meta, convert, recalibrate_bn
+from binarize.engine import FinetuneResult, evaluate, finetune
 from binarize.errors import BinarizeError
 from binarize.files import load, save
 from binarize.models import create_model
 from binarize.policy import Policy
+from binarize.recipes import Recipe, load_recipe
 from binarize.report import Report, inspect
 
 __all__ = [
     "__version__",
     "BinarizeError",
+    "FinetuneResult",
     "Policy",
+    "Recipe",
     "Report",
     "binarize_meta",
     "convert",
     "create_model",
+    "evaluate",
+    "finetune",
     "inspect",
     "load",
+    "load_recipe",
     "recalibrate_bn",
     "save",
 ]

@@ -15,12 +15,19 @@ __all__ = [
     "FileFormatError",
     "ModelSpecError",
     "TrainingError",
+    "TrainingInterrupted",
     "WeightsError",
 ]
 
 
 class BinarizeError(Exception):
-    """Base class of the errors a user can act on."""
+    """Base class of the errors a user can act on.
+
+    Attributes:
+        exit_code: The exit status the command line uses for this error.
+    """
+
+    exit_code = 2
 
 
 class ConfigError(BinarizeError, ValueError):
@@ -45,3 +52,9 @@ class DataError(BinarizeError):
 
 class TrainingError(BinarizeError):
     """Training stopped for a reason the user must look at (e.g. a non-finite loss)."""
+
+
+class TrainingInterrupted(TrainingError):
+    """Training was interrupted (Ctrl-C); what was saved is in the message."""
+
+    exit_code = 130

@@ -61,7 +61,7 @@ def errors_as_one_line(fn):
         except BinarizeError as err:
             if _debug():
                 raise
-            fail(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
+            fail(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__, err.exit_code)
         except KeyboardInterrupt:
             if _debug():
                 raise

@@ -5,7 +5,11 @@ from __future__ import annotations
 import typer
 
 from binarize.cli.convert import convert_command
+from binarize.cli.demo import demo_command
+from binarize.cli.eval import eval_command
+from binarize.cli.finetune import finetune_command
 from binarize.cli.inspect import inspect_command
+from binarize.cli.recipes import recipes_app
 
 __all__ = ["app", "main"]
 
@@ -17,9 +21,17 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 app.command("convert")(convert_command)
+app.command("finetune")(finetune_command)
+app.command("eval")(eval_command)
 app.command("inspect")(inspect_command)
+app.add_typer(recipes_app, name="recipes")
+app.command("demo")(demo_command)
 
 
 def main() -> None:
     """Console-script entry point."""
     app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""Schedules as pure functions of training progress: ReCU's tau and the learning rate."""
+
+from __future__ import annotations
+
+import math
+
+from binarize.recipes import MethodConfig, ScheduleConfig
+
+__all__ = ["tau_at", "lr_at"]
+
+
+def tau_at(progress: float, total: float, method: MethodConfig) -> float:
+    """ReCU's exponential schedule ``tau(t) = A e^(t/T) + B`` (Xu et al. 2021, section 3.4).
+
+    ``A = (tau_max - tau_min) / (e - 1)`` and ``B = tau_min - A``, so ``tau(0) = tau_min`` and
+    ``tau(T) = tau_max``. With per-epoch granularity (the official code) ``t`` is the epoch index and
+    ``tau_max`` itself is never reached: the last epoch uses ``tau((T - 1) / T)``.
+
+    Args:
+        progress: ``t``, in epochs (an integer for per-epoch, fractional for per-step granularity).
+        total: ``T``, the number of epochs of the stage.
+        method: ``tau_min`` and ``tau_max``.
+    """
+    a = (method.tau_max - method.tau_min) / (math.e - 1.0)
+    b = method.tau_min - a
+    return a * math.exp(progress / total) + b
+
+
+def lr_at(step: int, steps_per_epoch: int, epochs: int, base_lr: float, schedule: ScheduleConfig) -> float:
+    """Learning rate at a global step of a stage: linear warm-up, then cosine, step or constant.
+
+    Args:
+        step: Optimizer steps taken in this stage before this one.
+        steps_per_epoch: Optimizer steps per epoch.
+        epochs: Epochs of the stage.
+        base_lr: The peak rate.
+        schedule: The schedule's settings.
+    """
+    total = max(1, steps_per_epoch * epochs)
+    warmup = int(round(schedule.warmup_epochs * steps_per_epoch))
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    if schedule.name == "constant":
+        return base_lr
+    if schedule.name == "step":
+        epoch = step / steps_per_epoch
+        return base_lr * schedule.gamma ** sum(epoch >= m for m in schedule.milestones)
+    span = max(1, total - warmup)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / span)))
+    return schedule.min_lr + (base_lr - schedule.min_lr) * cosine

@@ -1,0 +1,43 @@
+"""``binarize demo``: the main job on scikit-learn's bundled digits, offline, in about a minute."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from binarize.cli._common import console, errors_as_one_line
+from binarize.cli._report import _size
+from binarize.demo import run_demo
+from binarize.engine.progress import RichReporter
+
+__all__ = ["demo_command"]
+
+
+@errors_as_one_line
+def demo_command(
+    epochs: Annotated[int, typer.Option(help="Fine-tuning epochs of the binary model.")] = 8,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Keep the run (checkpoints, metrics).")] = None,
+) -> None:
+    """Train a small CNN on handwritten digits, binarize it, fine-tune it, and compare."""
+    console.print("Training a float CNN on scikit-learn's handwritten digits (1,797 images, 8x8)...")
+    result = run_demo(seed=seed, binary_epochs=epochs, output_dir=output, reporter=RichReporter())
+    table = Table(title="binarize demo: digits, 1-bit weights and activations (ReCU)")
+    table.add_column("model")
+    table.add_column("val top-1", justify="right")
+    table.add_column("size", justify="right")
+    table.add_row("float CNN", f"{result.float_top1:.1f}%", _size(result.fp32_bytes) + " (fp32)")
+    table.add_row(
+        f"binary, right after conversion ({result.binary_convs} binary convs)",
+        f"{result.converted_top1:.1f}%",
+        _size(result.packed_bytes) + " (packed)",
+    )
+    table.add_row(f"binary, after {epochs} epochs of fine-tuning", f"{result.finetuned_top1:.1f}%", "")
+    console.print(table)
+    console.print(
+        f"size: {_size(result.fp32_bytes)} fp32 -> {_size(result.packed_bytes)} packed "
+        f"({result.fp32_bytes / result.packed_bytes:.1f}x smaller); took {result.seconds:.0f} s"
+    )

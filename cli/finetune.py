@@ -1,0 +1,97 @@
+"""``binarize finetune``: convert a float model and train the binary model back, following a recipe."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+import binarize
+from binarize.cli._common import errors_as_one_line
+from binarize.engine.distributed import from_environment
+
+__all__ = ["finetune_command", "recipe_from_options"]
+
+EXAMPLES = """
+Examples:
+
+  binarize finetune --recipe cifar10-resnet20-posthoc --data cifar10 --weights resnet20.th -o runs/r20
+
+  binarize finetune --recipe cifar10-resnet20-posthoc --data cifar10 --weights resnet20.th -o runs/r20 --resume
+
+  torchrun --nproc_per_node 4 -m binarize.cli.main finetune --recipe imagenet-resnet18-posthoc \
+      --data imagenet -o runs/in
+"""
+
+
+def recipe_from_options(
+    recipe: str,
+    model: str | None,
+    weights: Path | None,
+    pretrained: bool | None,
+    num_classes: int | None,
+    epochs: int | None,
+    batch_size: int | None,
+    limit_train: int | None,
+    device: str | None,
+    overrides: list[str],
+) -> binarize.Recipe:
+    """The recipe with the command-line options applied (they override the file, --set overrides both)."""
+    sets = []
+    if model is not None:
+        sets += [f"model.spec={model}", "model.weights=null"]
+    if weights is not None:
+        sets.append(f"model.weights={weights.expanduser().resolve()}")
+    if pretrained is not None:
+        sets.append(f"model.pretrained={str(pretrained).lower()}")
+    if num_classes is not None:
+        sets.append(f"model.num_classes={num_classes}")
+    if epochs is not None:
+        sets.append(f"epochs={epochs}")
+    if batch_size is not None:
+        sets.append(f"batch_size={batch_size}")
+    if limit_train is not None:
+        sets.append(f"train.limit_train={limit_train}")
+    if device is not None:
+        sets.append(f"train.device={device}")
+    return binarize.load_recipe(recipe, [*sets, *overrides])
+
+
+@errors_as_one_line
+def finetune_command(
+    recipe: Annotated[str, typer.Option(help="A shipped recipe name (binarize recipes) or a YAML file.")],
+    data: Annotated[
+        Path | None, typer.Option(help="Dataset directory: train/ and val/ or test/ class folders.")
+    ] = None,
+    model: Annotated[str | None, typer.Option(help="Model spec overriding the recipe's (as for convert).")] = None,
+    weights: Annotated[Path | None, typer.Option(help="Float weights file for the model.")] = None,
+    pretrained: Annotated[bool | None, typer.Option(help="Download timm/torchvision weights.")] = None,
+    num_classes: Annotated[int | None, typer.Option(help="Number of output classes.")] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Run directory.")] = Path("runs/binarize"),
+    epochs: Annotated[int | None, typer.Option(help="Epochs of every stage.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Batch size of every stage (per process).")] = None,
+    limit_train: Annotated[int | None, typer.Option(help="Train on a class-balanced random subset.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --output from its last checkpoint.")] = False,
+    overrides: Annotated[
+        list[str], typer.Option("--set", help="Override a recipe field: key=value (dotted path), repeatable.")
+    ] = [],  # noqa: B006
+) -> None:
+    """Fine-tune a binary model from a float one; writes checkpoints, metrics.jsonl and the recipe."""
+    resolved = recipe_from_options(
+        recipe, model, weights, pretrained, num_classes, epochs, batch_size, limit_train, device, overrides
+    )
+    ctx = from_environment()
+    result = binarize.finetune(None, resolved, data_dir=data, output_dir=output, resume=resume, ctx=ctx)
+    if ctx.is_main:
+        best = result.best
+        typer.echo(
+            f"best: epoch {best.get('epoch')} top-1 {best.get('val_top1', float('nan')):.2f}% -> "
+            f"{output / 'best.safetensors'}",
+            err=True,
+        )
+    ctx.shutdown()
+
+
+finetune_command.__doc__ += EXAMPLES
