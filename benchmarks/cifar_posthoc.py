@@ -1,0 +1,142 @@
+"""Post-hoc binarization of the pretrained CIFAR-10 ResNet-20: which settings recover accuracy fastest.
+
+Uses the real pretrained ResNet-20 (../shared/models) and the CIFAR-10 JPEG folders (../shared/data;
+a lossy copy: compare these numbers with each other, never with published CIFAR-10 figures). Prints
+the float model's test accuracy, the binary model's right after conversion and BatchNorm
+re-estimation, and after the same budget (default: 5 epochs of a class-balanced 10,000-image subset,
+batch 64) for each variant:
+
+* ``hardtanh``: activations feeding binary convs become Hardtanh, no extra shortcuts;
+* ``bireal``: plus a real-valued shortcut around every binary conv;
+* each with and without distillation from the float model;
+* ``scratch``: the same binary network (Bi-Real) from random weights, labels only.
+
+Then the chosen post-hoc recipe (``cifar10-resnet20-posthoc``) on all 50,000 training images.
+
+Run: ``python benchmarks/cifar_posthoc.py`` (about 30-40 minutes on 2 CPU cores);
+``--quick`` checks the script in a few minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import binarize
+from binarize.engine.progress import Reporter
+from binarize.recipes import load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+CHECKPOINT = SHARED / "models" / "cifar10-resnet20-12fca82f.th"
+ARCHIVE = SHARED / "data" / "cifar10-jpeg.tar.gz"
+RECIPE = "cifar10-resnet20-posthoc"
+
+VARIANTS = {
+    "hardtanh + distill": ["policy.shortcuts=none"],
+    "hardtanh, labels only": ["policy.shortcuts=none", "distill.teacher=none"],
+    "bireal + distill": ["policy.shortcuts=bireal"],
+    "bireal, labels only": ["policy.shortcuts=bireal", "distill.teacher=none"],
+    "scratch (bireal, labels only)": ["policy.shortcuts=bireal", "distill.teacher=none", "model.weights=null"],
+}
+
+
+def machine_line() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (
+        f"machine: {cpu}, {platform.machine()}; threads {torch.get_num_threads()}; torch {torch.__version__}; "
+        f"binarize {binarize.__version__}; python {platform.python_version()}"
+    )
+
+
+def extract(dest: Path) -> Path:
+    sys.path.insert(0, str(ROOT / "tests"))
+    from _shared_data import extract_cifar10
+
+    return Path(extract_cifar10(dest))
+
+
+def run(overrides: list[str], data: Path, output: Path | None = None) -> dict:
+    recipe = load_recipe(RECIPE, [f"model.weights={CHECKPOINT}", *overrides])
+    start = time.perf_counter()
+    result = binarize.finetune(None, recipe, data_dir=data, output_dir=output, reporter=Reporter())
+    return {
+        "after_conversion": result.history[0]["val_top1"],
+        "final": result.history[-1]["val_top1"],
+        "best": result.best["val_top1"],
+        "per_epoch": [round(r["val_top1"], 2) for r in result.history],
+        "train_images_per_s": sum(r["images_per_s"] or 0 for r in result.history[1:]) / max(1, len(result.history) - 1),
+        "minutes": (time.perf_counter() - start) / 60,
+    }
+
+
+def float_accuracy(data: Path) -> float:
+    from binarize.data import DataConfig, build_datasets, build_loaders, resolve_data_config
+
+    model = binarize.create_model("cifar_resnet20", weights=CHECKPOINT)
+    cfg = DataConfig(workers=2)
+    resolved = resolve_data_config(cfg, model)
+    loaders = build_loaders(build_datasets(cfg, data, resolved), 256, cfg, seed=0)
+    try:
+        return binarize.evaluate(model, loaders.val, torch.device("cpu"))["top1"]
+    finally:
+        loaders.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work", type=Path, default=Path("/tmp/binarize-bench"), help="extraction and run folder")
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--limit", type=int, default=10_000, help="training images per variant")
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), help="subset of the variants")
+    parser.add_argument("--full-epochs", type=int, default=5, help="epochs of the full-data run (0 skips it)")
+    parser.add_argument("--quick", action="store_true", help="1 epoch of 1,000 images, no full run")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    if not CHECKPOINT.exists() or not ARCHIVE.exists():
+        print(f"skipped: needs {CHECKPOINT} and {ARCHIVE}")
+        return
+    torch.set_num_threads(2)
+    if args.quick:
+        args.epochs, args.limit, args.full_epochs = 1, 1000, 0
+    print(machine_line(), flush=True)
+    data = extract(args.work / "cifar10")
+    results: dict = {"float_top1": float_accuracy(data)}
+    print(f"float ResNet-20 on the JPEG test split: {results['float_top1']:.2f}%", flush=True)
+    budget = [f"epochs={args.epochs}", f"train.limit_train={args.limit}"]
+    for name in args.variants:
+        results[name] = run(budget + VARIANTS[name], data)
+        r = results[name]
+        print(
+            f"{name:32s} after conversion {r['after_conversion']:6.2f}%  after {args.epochs} epochs of "
+            f"{args.limit} images {r['final']:6.2f}% (best {r['best']:.2f}%)  {r['train_images_per_s']:.0f} img/s  "
+            f"{r['minutes']:.1f} min  per epoch {r['per_epoch']}",
+            flush=True,
+        )
+    if args.full_epochs:
+        full = run([f"epochs={args.full_epochs}"], data)
+        results["recipe on 50,000 images"] = full
+        print(
+            f"{RECIPE} on all 50,000 images, {args.full_epochs} epochs: {full['final']:.2f}% "
+            f"(best {full['best']:.2f}%)  per epoch {full['per_epoch']}  {full['minutes']:.1f} min",
+            flush=True,
+        )
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
