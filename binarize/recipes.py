@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.resources
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -222,7 +223,6 @@ class StageConfig(Config):
         check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
         check(0 <= self.label_smoothing < 1, "label_smoothing", "must lie in [0, 1)")
         check(self.grad_clip is None or self.grad_clip > 0, "grad_clip", "must be > 0 or null")
-        check(self.schedule.warmup_epochs <= self.epochs, "schedule.warmup_epochs", "must not exceed epochs")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -293,6 +293,21 @@ class Recipe(Config):
         return sum(s.epochs for s in self.stages)
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that ``1e-3`` and ``1.0e5`` are numbers (as in YAML 1.2), not strings."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def _parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_YamlLoader)  # a SafeLoader: plain data only
+
+
 def _shipped_dir():
     """The shipped recipes: package data ``binarize/recipe_files`` of an installed binarize, or the
     ``recipes/`` folder of the source tree under an editable install (whose import hook does not
@@ -331,7 +346,7 @@ def load_recipe(name_or_path: str | Path, overrides: list[str] | tuple[str, ...]
     """Loads a shipped recipe by name, or a YAML file, strictly; then applies ``key=value`` overrides."""
     text = recipe_text(name_or_path)
     try:
-        data = yaml.safe_load(text)
+        data = _parse_yaml(text)
     except yaml.YAMLError as err:
         raise ConfigError(f"recipe {name_or_path}: not valid YAML ({str(err).splitlines()[0]})") from err
     recipe = Recipe.from_dict(data if data is not None else {}, "")
@@ -370,8 +385,8 @@ def apply_overrides(recipe: Recipe, overrides: list[str] | tuple[str, ...]) -> R
     """Changes fields by dotted path: ``stages.0.optimizer.lr=0.01``, ``policy.shortcuts=bireal``.
 
     A path that starts with a stage field (``distill.teacher=none``, ``epochs=3``) applies to every
-    stage. Values are parsed as YAML scalars (``null``, ``true``, ``0.1``, ``[3, 32, 32]``). The result
-    is validated like a recipe file.
+    stage. Values are parsed as YAML scalars (``null``, ``true``, ``0.1``, ``1e-3``, ``[3, 32, 32]``).
+    The result is validated like a recipe file.
     """
     if not overrides:
         return recipe
@@ -383,7 +398,7 @@ def apply_overrides(recipe: Recipe, overrides: list[str] | tuple[str, ...]) -> R
         if not sep or not key:
             raise ConfigError(f"--set takes key=value (e.g. stages.0.optimizer.lr=0.01), got {item!r}")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            value = _parse_yaml(raw) if raw.strip() else None
         except yaml.YAMLError as err:
             raise ConfigError(f"--set {item}: cannot parse the value ({str(err).splitlines()[0]})") from err
         parts = key.split(".")

@@ -45,7 +45,8 @@ def _debug() -> bool:
 
 def fail(message: str, code: int = 2) -> None:
     """Prints ``error: message`` on stderr and exits with ``code``."""
-    print(f"error: {message}", file=sys.stderr)
+    sys.stderr.write(f"error: {message}\n")  # one write: lines of several processes do not interleave
+    sys.stderr.flush()
     raise typer.Exit(code)
 
 

@@ -10,7 +10,7 @@ from rich.table import Table
 
 import binarize
 from binarize.cli._common import FormatOption, OutputFormat, console, errors_as_one_line, print_json
-from binarize.data import DataConfig, ResolvedData, build_datasets, build_loaders, resolve_data_config
+from binarize.data import DataConfig, Loader, ResolvedData, build_datasets, resolve_data_config
 from binarize.engine.loop import autocast_dtype
 
 __all__ = ["eval_command"]
@@ -44,11 +44,14 @@ def eval_command(
         raise binarize.BinarizeError(
             f"the class folders of {data} differ from those the model was trained on ({len(extra['classes'])} classes)"
         )
-    loaders = build_loaders(datasets, batch_size, cfg, seed=0, device_type=target.type)
+    if batch_size < 1:
+        raise binarize.BinarizeError(f"--batch-size must be >= 1, got {batch_size}")
+    # Only the validation split is read: a plain loader, not the train loader's batch-size checks.
+    loader = Loader(datasets.val, batch_size=batch_size, num_workers=workers, pin_memory=target.type == "cuda")
     try:
-        metrics = binarize.evaluate(model, loaders.val, target, autocast_dtype("fp32", target))
+        metrics = binarize.evaluate(model, loader, target, autocast_dtype("fp32", target))
     finally:
-        loaders.close()
+        loader.close()
     if output_format is OutputFormat.json:
         print_json(metrics)
         return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -38,11 +39,12 @@ def recipe_from_options(
     overrides: list[str],
 ) -> binarize.Recipe:
     """The recipe with the command-line options applied (they override the file, --set overrides both)."""
+    # Strings go in as quoted YAML scalars (JSON), so paths with '#', ': ' or a leading '*' stay as given.
     sets = []
     if model is not None:
-        sets += [f"model.spec={model}", "model.weights=null"]
+        sets += [f"model.spec={json.dumps(model)}", "model.weights=null"]
     if weights is not None:
-        sets.append(f"model.weights={weights.expanduser().resolve()}")
+        sets.append(f"model.weights={json.dumps(str(weights.expanduser().resolve()))}")
     if pretrained is not None:
         sets.append(f"model.pretrained={str(pretrained).lower()}")
     if num_classes is not None:
@@ -54,7 +56,7 @@ def recipe_from_options(
     if limit_train is not None:
         sets.append(f"train.limit_train={limit_train}")
     if device is not None:
-        sets.append(f"train.device={device}")
+        sets.append(f"train.device={json.dumps(device)}")
     return binarize.load_recipe(recipe, [*sets, *overrides])
 
 

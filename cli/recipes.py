@@ -5,9 +5,8 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
-from binarize.cli._common import console, errors_as_one_line
+from binarize.cli._common import errors_as_one_line
 from binarize.recipes import list_recipes, recipe_text
 
 __all__ = ["recipes_app"]
@@ -21,12 +20,10 @@ def list_command(ctx: typer.Context) -> None:
     """List the shipped recipes with one line each."""
     if ctx.invoked_subcommand is not None:
         return
-    table = Table(title="binarize recipes", header_style="bold")
-    table.add_column("name", no_wrap=True)
-    table.add_column("what")
-    for name, description in list_recipes().items():
-        table.add_row(name, description)
-    console.print(table)
+    recipes = list_recipes()
+    width = max(map(len, recipes), default=0)
+    for name, description in recipes.items():  # plain lines: never wrapped, easy to grep
+        typer.echo(f"{name:<{width}}  {description}".rstrip())
 
 
 @recipes_app.command("show")

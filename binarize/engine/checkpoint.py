@@ -4,12 +4,18 @@ A run directory holds ``last.safetensors`` and ``best.safetensors`` (the format 
 :func:`binarize.save`, so ``binarize eval`` / ``inspect`` / :func:`binarize.load` take them) and
 ``state.pt``: optimizer, gradient scaler, progress, best metric and RNG states, plain tensors and
 containers only, read back with ``torch.load(weights_only=True)``. Every file is written to a
-temporary name and renamed into place, so an interruption never leaves a half-written checkpoint.
+temporary name and renamed into place, so an interruption never leaves a half-written checkpoint,
+and Ctrl-C is held back while a checkpoint's files are written (:func:`interrupts_deferred`), so
+``last.safetensors`` and ``state.pt`` always describe the same epoch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import random
+import signal
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +24,17 @@ import torch
 from binarize.errors import TrainingError
 from binarize.files import atomic_write
 
-__all__ = ["LAST", "BEST", "INTERRUPTED", "STATE", "rng_state", "restore_rng_state", "save_state", "load_state"]
+__all__ = [
+    "LAST",
+    "BEST",
+    "INTERRUPTED",
+    "STATE",
+    "rng_state",
+    "restore_rng_state",
+    "save_state",
+    "load_state",
+    "interrupts_deferred",
+]
 
 LAST = "last.safetensors"
 BEST = "best.safetensors"
@@ -62,3 +78,23 @@ def load_state(run_dir: Path) -> dict[str, Any]:
     if state.get("version") != STATE_VERSION:
         raise TrainingError(f"{path} has state version {state.get('version')}; this binarize reads {STATE_VERSION}")
     return state
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Holds Ctrl-C (SIGINT) back until the block has run, then raises ``KeyboardInterrupt``.
+
+    Only in the main thread with Python's own SIGINT handler installed; elsewhere the block runs as is.
+    """
+    handler = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or handler is not signal.default_int_handler:
+        yield
+        return
+    received: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    if received:
+        raise KeyboardInterrupt

@@ -13,7 +13,9 @@ from collections.abc import Mapping
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistContext", "from_environment", "all_reduce_sum"]
+from binarize.errors import ConfigError
+
+__all__ = ["DistContext", "from_environment", "all_reduce_sum", "broadcast_buffers"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +45,8 @@ class DistContext:
         """The device of this process: ``cuda:<local_rank>`` for ``cuda`` / ``auto`` with GPUs."""
         if requested == "auto":
             requested = "cuda" if torch.cuda.is_available() else "cpu"
+        if requested.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"device: '{requested}' asked for, but no CUDA device is available; use cpu or auto")
         if requested == "cuda":
             return torch.device("cuda", self.local_rank if self.enabled else torch.cuda.current_device())
         return torch.device(requested)
@@ -76,3 +80,14 @@ def all_reduce_sum(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     if ctx.enabled and dist.is_initialized():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def broadcast_buffers(module: torch.nn.Module, ctx: DistContext) -> None:
+    """Copies the main process's buffers (BatchNorm statistics) to every process; a no-op in a single process.
+
+    Each process updates BatchNorm statistics from its own shard; evaluating with the main process's
+    (the ones checkpointed) makes the summed validation metrics those of the saved model.
+    """
+    if ctx.enabled and dist.is_initialized():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)

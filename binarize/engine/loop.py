@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 from binarize.convert import binarize_meta, convert, recalibrate_bn
 from binarize.data import Datasets, ResolvedData, build_datasets, build_loaders, resolve_data_config
 from binarize.engine import checkpoint as ckpt
-from binarize.engine.distributed import DistContext, all_reduce_sum
+from binarize.engine.distributed import DistContext, all_reduce_sum, broadcast_buffers
 from binarize.engine.losses import top_k_correct, training_loss
 from binarize.engine.optim import build_optimizer
 from binarize.engine.progress import Reporter, RichReporter
@@ -70,13 +70,17 @@ def set_weight_binarization(model: nn.Module, enabled: bool) -> None:
     """Switches every ReCU layer between binary and float weights (activations stay binary).
 
     Turning weight binarization on re-initialises each layer's scale from its current weights, as
-    the second stage of two-stage training starts from the first stage's float weights.
+    the second stage of two-stage training starts from the first stage's float weights. With float
+    weights the scale is unused, so it is frozen (DistributedDataParallel rejects parameters that
+    get no gradient).
     """
     for module in model.modules():
-        if isinstance(module, ReCUConv2d) and module.binarize_weights != enabled:
-            module.binarize_weights = enabled
-            if enabled:
-                module.reset_alpha()
+        if isinstance(module, ReCUConv2d):
+            if module.binarize_weights != enabled:
+                module.binarize_weights = enabled
+                if enabled:
+                    module.reset_alpha()
+            module.alpha.requires_grad_(enabled)
     meta = binarize_meta(model)
     if meta is not None:
         meta["policy"] = {**meta["policy"], "binarize_weights": enabled}
@@ -211,19 +215,43 @@ def _prepare_run_dir(output_dir: str | Path | None, resume: bool, ctx: DistConte
         raise TrainingError(f"nothing to resume in {run_dir}: no {ckpt.STATE}; start without --resume")
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+    ctx.barrier()  # every process has checked the directory before the main one writes into it
     return run_dir
 
 
-def _check_same_recipe(run_dir: Path, recipe: Recipe) -> None:
+def _check_same_recipe(run_dir: Path, recipe: Recipe, state: dict) -> None:
+    """A resumed run follows the recipe it started with, except for ``train`` settings and the ``epochs``
+    of the stage in progress and later stages (to train longer: the rest of their schedules follow the
+    new length)."""
     import yaml
 
     saved = yaml.safe_load((run_dir / RECIPE_FILE).read_text())
     current = recipe.to_dict()
+    done = state["stage"]
     for key in current:
-        if key != "train" and saved.get(key) != current[key]:
+        old, new = saved.get(key), current[key]
+        if key == "stages" and isinstance(old, list) and len(old) == len(new):  # later stages may change length
+            old = [_without_epochs(s) if i >= done else s for i, s in enumerate(old)]
+            new = [_without_epochs(s) if i >= done else s for i, s in enumerate(new)]
+        if key != "train" and old != new:
             raise TrainingError(
                 f"the recipe's '{key}' differs from the run in {run_dir}; resume with the same recipe and options"
             )
+    stage = recipe.stages[done]
+    if stage.epochs < state["epoch"]:
+        raise TrainingError(
+            f"stage '{stage.name}' of the run in {run_dir} has already trained {state['epoch']} epochs; "
+            f"resume with at least that many epochs (got {stage.epochs})"
+        )
+
+
+def _without_epochs(stage: Any) -> Any:
+    return {k: v for k, v in stage.items() if k != "epochs"} if isinstance(stage, dict) else stage
+
+
+def _write_recipe(run: _Run) -> None:
+    if run.writes:
+        (run.run_dir / RECIPE_FILE).write_text(dump_recipe(run.recipe))
 
 
 def _teacher(run: _Run, stage: StageConfig) -> nn.Module | None:
@@ -258,6 +286,7 @@ def _record(run: _Run, epoch: int, stage: str, tau: float, lr: float, train: dic
         "val_loss": val["loss"],
         "val_top1": val["top1"],
         "val_top5": val["top5"],
+        "val_images": val["images"],
         "images_per_s": None if train is None else train["images_per_s"],
         "seconds": None if train is None else train["seconds"],
     }
@@ -279,10 +308,11 @@ def _checkpoint(run: _Run, record: dict, state: dict) -> None:
         run.best.update(record)
     if not run.writes:
         return
-    save(run.student, run.run_dir / ckpt.LAST, force=True, extra=_extra(run, record))
-    if improved:
-        save(run.student, run.run_dir / ckpt.BEST, force=True, extra=_extra(run, record))
-    ckpt.save_state(run.run_dir, {**state, "best": dict(run.best), "rng": ckpt.rng_state()})
+    with ckpt.interrupts_deferred():  # Ctrl-C here would leave last.safetensors and state.pt at different epochs
+        save(run.student, run.run_dir / ckpt.LAST, force=True, extra=_extra(run, record))
+        if improved:
+            save(run.student, run.run_dir / ckpt.BEST, force=True, extra=_extra(run, record))
+        ckpt.save_state(run.run_dir, {**state, "best": dict(run.best), "rng": ckpt.rng_state()})
 
 
 def _train_epoch(run, model, teacher, loaders, optimizer, scaler, stage, stage_index, epoch, step) -> tuple[dict, int]:
@@ -317,12 +347,10 @@ def _train_epoch(run, model, teacher, loaders, optimizer, scaler, stage, stage_i
         loss_sum += loss.detach()
         images_seen += labels.shape[0]
         if (i + 1) % recipe.train.log_every == 0 or i + 1 == steps:
-            mean = loss_sum.item() / (i + 1)
+            # the sum over processes, so that every process stops together on a non-finite loss
+            mean = all_reduce_sum(loss_sum.clone(), run.ctx).item() / ((i + 1) * run.ctx.world_size)
             if not math.isfinite(mean):
-                raise TrainingError(
-                    f"the loss became non-finite in epoch {epoch + 1} of stage '{stage.name}' (step {i + 1}); "
-                    "the last good checkpoint is kept: lower the learning rate or use --set stages.N.grad_clip=1.0"
-                )
+                raise _non_finite("loss", epoch, stage, f" (step {i + 1})")
             last_log = i + 1
             run.reporter.step(last_log, mean, images_seen / max(time.perf_counter() - start, 1e-9))
     seconds = time.perf_counter() - start
@@ -333,6 +361,13 @@ def _train_epoch(run, model, teacher, loaders, optimizer, scaler, stage, stage_i
     mean_loss = (totals[0] / totals[1]).item()
     images_total = images_seen * run.ctx.world_size
     return {"loss": mean_loss, "seconds": seconds, "images_per_s": images_total / max(seconds, 1e-9)}, step
+
+
+def _non_finite(what: str, epoch: int, stage: StageConfig, where: str = "") -> TrainingError:
+    return TrainingError(
+        f"the {what} became non-finite in epoch {epoch + 1} of stage '{stage.name}'{where}; the last good "
+        "checkpoint is kept: lower the learning rate or clip gradients (--set grad_clip=1.0)"
+    )
 
 
 def _run_stage(run: _Run, stage_index: int, start_epoch: int, state: dict | None, epoch_offset: int) -> None:
@@ -369,7 +404,10 @@ def _run_stage(run: _Run, stage_index: int, start_epoch: int, state: dict | None
             loaders.set_epoch(epoch)
             torch.manual_seed(_seed(recipe.train.seed, stage_index, epoch))
             train, step = _train_epoch(run, model, teacher, loaders, optimizer, scaler, stage, stage_index, epoch, step)
+            broadcast_buffers(run.student, run.ctx)
             val = evaluate(model, loaders.val, run.device, run.dtype, recipe.train.channels_last, run.ctx)
+            if not math.isfinite(val["loss"]):  # the last step broke the model: do not checkpoint it
+                raise _non_finite("validation loss", epoch, stage)
             lr = optimizer.param_groups[0]["lr"]
             record = _record(run, epoch_offset + epoch + 1, stage.name, tau, lr, train, val)
             state = {
@@ -445,7 +483,7 @@ def finetune(
     run_dir = _prepare_run_dir(output_dir, resume, ctx)
     state = ckpt.load_state(run_dir) if resume else None
     if resume:
-        _check_same_recipe(run_dir, recipe)
+        _check_same_recipe(run_dir, recipe, state)
     float_model = _float_model(model, recipe)
     resolved = resolve_data_config(recipe.data, float_model)
     datasets = _datasets(recipe, resolved, train_data, val_data, data_dir)
@@ -482,10 +520,8 @@ def _global_epoch(recipe: Recipe, state: dict) -> int:
 
 
 def _start(run: _Run) -> None:
-    """A fresh run: write the recipe, re-estimate BatchNorm statistics, evaluate the converted model."""
+    """A fresh run: re-estimate BatchNorm statistics, evaluate the converted model, write the recipe and epoch 0."""
     recipe = run.recipe
-    if run.writes:
-        (run.run_dir / RECIPE_FILE).write_text(dump_recipe(recipe))
     stage = recipe.stages[0]
     loaders = build_loaders(
         run.datasets, stage.batch_size, recipe.data, seed=recipe.train.seed,
@@ -498,12 +534,14 @@ def _start(run: _Run) -> None:
                 for images, labels in loaders.train
             )
             recalibrate_bn(run.student, batches, max_batches=recipe.train.bn_calibration_batches)
+            broadcast_buffers(run.student, run.ctx)
         val = evaluate(run.student, loaders.val, run.device, run.dtype, recipe.train.channels_last, run.ctx)
     finally:
         loaders.close()
     tau = tau_at(0, stage.epochs, recipe.method)
     set_tau(run.student, tau)
     record = _record(run, 0, "converted", tau, 0.0, None, val)
+    _write_recipe(run)  # only now: a run that failed before its first checkpoint does not block a new one
     _checkpoint(run, record, {"stage": 0, "epoch": 0, "step": 0, "optimizer": None, "scaler": None})
 
 
@@ -517,6 +555,7 @@ def _restore(run: _Run, state: dict) -> tuple[int, int]:
     load_weights(run.student, load_file(str(run.run_dir / ckpt.LAST), device=str(run.device)))
     run.best.update(state.get("best") or {})
     ckpt.restore_rng_state(state["rng"])
+    _write_recipe(run)
     if state["optimizer"] is None:
         return 0, 0
     if run.ctx.is_main:

@@ -30,7 +30,7 @@ def parameter_roles(model: nn.Module) -> dict[str, list[nn.Parameter]]:
             if not param.requires_grad or id(param) in seen:
                 continue
             seen.add(id(param))
-            if isinstance(module, ReCUConv2d) and name == "weight" and module.binarize_weights:
+            if isinstance(module, ReCUConv2d) and name == "weight":
                 role = "binary"
             elif isinstance(module, ReCUConv2d) and name == "alpha":
                 role = "scale"

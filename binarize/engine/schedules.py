@@ -37,7 +37,7 @@ def lr_at(step: int, steps_per_epoch: int, epochs: int, base_lr: float, schedule
         schedule: The schedule's settings.
     """
     total = max(1, steps_per_epoch * epochs)
-    warmup = int(round(schedule.warmup_epochs * steps_per_epoch))
+    warmup = min(int(round(schedule.warmup_epochs * steps_per_epoch)), total)  # a short run is all warm-up
     if step < warmup:
         return base_lr * (step + 1) / warmup
     if schedule.name == "constant":

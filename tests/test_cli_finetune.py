@@ -1,0 +1,390 @@
+"""Tests of the fine-tuning commands: ``binarize finetune``, ``eval``, ``recipes`` and ``demo``.
+
+Every user error must end the command with one ``error: ...`` line on stderr, no traceback and a
+non-zero exit code. A real two-process torchrun job (gloo, CPU) checks distributed training.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader
+from typer.testing import CliRunner
+
+import binarize
+from binarize.cli.main import app
+from binarize.data import DataConfig, ResolvedData, build_datasets
+from binarize.engine import loop
+from binarize.files import read_metadata
+from binarize.recipes import list_recipes, load_recipe
+
+slow = pytest.mark.slow
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def invoke(*args: str | Path):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def assert_clean_error(result, pattern: str, code: int = 2) -> str:
+    """The command failed with ``code`` and one ``error:`` line matching ``pattern``, as its last line."""
+    assert result.exit_code == code, result.output
+    assert "Traceback" not in result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == errors[0]
+    assert re.search(pattern, errors[0]), errors[0]
+    return errors[0]
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, bytes]]:
+    return {
+        str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.rglob("*") if p.is_file()
+    }
+
+
+def evaluate_file(path: Path, data_root: Path) -> dict[str, float]:
+    resolved = ResolvedData.from_dict(read_metadata(path)["extra"]["data"], "data")
+    loader = DataLoader(build_datasets(DataConfig(workers=0), data_root, resolved).val, batch_size=8)
+    return binarize.evaluate(binarize.load(path), loader, torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory, tiny_recipe_file, tiny_data):
+    """``binarize finetune`` of the tiny recipe for one epoch; returns the run directory."""
+    run_dir = tmp_path_factory.mktemp("cli") / "run"
+    result = invoke("finetune", "--recipe", tiny_recipe_file, "--data", tiny_data, "-o", run_dir, "--epochs", "1")
+    assert result.exit_code == 0, result.output
+    assert re.search(r"best: epoch \d top-1 [\d.]+% -> .*best\.safetensors", result.stderr)
+    return run_dir
+
+
+# --------------------------------------------------------------------------- finetune and eval
+
+
+def test_finetune_writes_the_run(cli_run, tiny_recipe_file):
+    for name in ("last.safetensors", "best.safetensors", "state.pt", "metrics.jsonl", "recipe.yaml"):
+        assert (cli_run / name).is_file()
+    assert [r["epoch"] for r in read_metrics(cli_run)] == [0, 1]
+    assert load_recipe(cli_run / "recipe.yaml") == load_recipe(tiny_recipe_file, ["epochs=1"])
+
+
+def test_eval_prints_the_logged_accuracy_as_json(cli_run, tiny_data):
+    best = max(read_metrics(cli_run), key=lambda r: r["val_top1"])
+    result = invoke("eval", cli_run / "best.safetensors", "--data", tiny_data, "--format", "json", "--workers", "0")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.stdout)
+    assert set(metrics) == {"top1", "top5", "loss", "images"}
+    assert metrics["top1"] == best["val_top1"] and metrics["top5"] == best["val_top5"]
+    assert metrics["loss"] == pytest.approx(best["val_loss"], rel=1e-6)
+    assert metrics["images"] == 18
+    table = invoke("eval", cli_run / "last.safetensors", "--data", tiny_data, "--batch-size", "4", "--workers", "0")
+    assert table.exit_code == 0 and "images" in table.stdout and "18" in table.stdout
+
+
+def test_eval_errors(cli_run, tiny_data, tmp_path, make_images):
+    assert_clean_error(invoke("eval", tmp_path / "none.safetensors", "--data", tiny_data), "no such file")
+    other = make_images(tmp_path / "other", classes=("a", "b", "c"), train=1, val=1, size=8)
+    assert_clean_error(
+        invoke("eval", cli_run / "best.safetensors", "--data", other, "--workers", "0"), "class folders of .* differ"
+    )
+
+
+def test_resume_through_the_cli(cli_run, tiny_recipe_file, tiny_data, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(cli_run, run_dir)
+    result = invoke(
+        "finetune", "--recipe", tiny_recipe_file, "--data", tiny_data, "-o", run_dir, "--epochs", "2", "--resume"
+    )
+    assert result.exit_code == 0, result.output
+    assert [r["epoch"] for r in read_metrics(run_dir)] == [0, 1, 2]
+    assert read_metrics(run_dir)[:2] == read_metrics(cli_run)
+
+
+def test_options_with_awkward_paths_reach_the_recipe(tmp_path):
+    from binarize.cli.finetune import recipe_from_options
+
+    weights = tmp_path / "exp #2" / "w: final.pt"
+    recipe = recipe_from_options(
+        "cifar10-resnet20-posthoc", "nets/v1 #3/net.py:make", weights, False, 7, 3, 16, 100, "cpu", ["epochs=4"]
+    )
+    assert recipe.model.spec == "nets/v1 #3/net.py:make" and recipe.model.weights == str(weights.resolve())
+    assert (recipe.model.pretrained, recipe.model.num_classes, recipe.train.device) == (False, 7, "cpu")
+    assert (recipe.stages[0].epochs, recipe.stages[0].batch_size, recipe.train.limit_train) == (4, 16, 100)
+
+
+# --------------------------------------------------------------------------- errors: one line, non-zero exit
+
+
+def finetune(recipe, data, out, *extra):
+    return invoke("finetune", "--recipe", recipe, "--data", data, "-o", out, *extra)
+
+
+def test_missing_data(tiny_recipe_file, tmp_path):
+    assert_clean_error(
+        finetune(tiny_recipe_file, tmp_path / "nope", tmp_path / "o"), r"data directory .*nope does not exist"
+    )
+    result = invoke("finetune", "--recipe", tiny_recipe_file, "-o", tmp_path / "o")
+    assert_clean_error(result, r"no data: pass --data DIR")
+
+
+def test_empty_dataset(tiny_recipe_file, tmp_path, make_images):
+    root = tmp_path / "data"
+    (root / "train").mkdir(parents=True)
+    (root / "val").mkdir()
+    assert_clean_error(finetune(tiny_recipe_file, root, tmp_path / "o"), r"train has no class folders")
+    root = make_images(tmp_path / "data2", classes=("cat", "dog"), train=2, val=2, size=8)
+    for image in (root / "train" / "dog").iterdir():
+        image.unlink()
+    assert_clean_error(
+        finetune(tiny_recipe_file, root, tmp_path / "o"), r"1 class folder\(s\) in .*train have no images.*: dog"
+    )
+
+
+def test_class_folders_differ_between_splits(tiny_recipe_file, tmp_path, make_images):
+    root = make_images(tmp_path / "data", classes=("a", "b", "c"), train=2, val=1, size=8)
+    (root / "val" / "c").rename(root / "val" / "d")
+    assert_clean_error(
+        finetune(tiny_recipe_file, root, tmp_path / "o"), r"class folders differ .*only in train: c; only in val: d"
+    )
+
+
+def test_corrupt_image_and_a_clean_rerun(tiny_recipe_file, tiny_data, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(tiny_data, root)
+    bad = root / "val" / "green" / "002.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really an image")
+    out = tmp_path / "run"
+    assert_clean_error(finetune(tiny_recipe_file, root, out, "--epochs", "1"), r"cannot decode image .*002\.png")
+    # the run never reached its first checkpoint: once the file is gone the same command starts afresh
+    bad.unlink()
+    result = finetune(tiny_recipe_file, root, out, "--epochs", "1", "--limit-train", "16")
+    assert result.exit_code == 0, result.output
+    assert read_metrics(out)[0]["val_images"] == 17
+
+
+def test_misspelt_key_in_a_recipe_file(tiny_recipe_file, tiny_data, tmp_path):
+    path = tmp_path / "typo.yaml"
+    path.write_text(tiny_recipe_file.read_text().replace("batch_size:", "bacth_size:"))
+    assert_clean_error(
+        finetune(path, tiny_data, tmp_path / "o"), r"stages\[0\]: unknown key 'bacth_size'; did you mean 'batch_size'\?"
+    )
+    assert not (tmp_path / "o").exists()
+
+
+def test_unknown_recipe_name(tiny_data, tmp_path):
+    assert_clean_error(
+        finetune("cifar10-resnet20-posthok", tiny_data, tmp_path / "o"),
+        r"unknown recipe 'cifar10-resnet20-posthok'; did you mean 'cifar10-resnet20",
+    )
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("stages.0.optimizer.lrr=0.1", r"--set stages\.0\.optimizer\.lrr=0\.1: unknown key 'lrr'; did you mean 'lr'"),
+        ("stages.2.epochs=1", r"'2' is not a valid index \(0 to 0\)"),
+        ("epochs=many", r"stages\[0\]\.epochs: expected an integer, got 'many'"),
+        ("stages.0.optimizer.lr=-1", r"stages\[0\]\.optimizer\.lr: must be > 0"),
+        ("lr", r"--set takes key=value"),
+    ],
+)
+def test_bad_set(tiny_recipe_file, tiny_data, tmp_path, override, message):
+    assert_clean_error(finetune(tiny_recipe_file, tiny_data, tmp_path / "o", "--set", override), message)
+
+
+def test_model_classes_differ_from_the_dataset(tiny_recipe_file, tiny_data, tmp_path):
+    assert_clean_error(
+        finetune(tiny_recipe_file, tiny_data, tmp_path / "o", "--num-classes", "5"),
+        r"the model outputs 5 classes but the dataset has 3; pass --num-classes 3",
+    )
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_asked_for_without_cuda(cli_run, tiny_recipe_file, tiny_data, tmp_path):
+    message = r"device: 'cuda' asked for, but no CUDA device is available; use cpu or auto"
+    assert_clean_error(finetune(tiny_recipe_file, tiny_data, tmp_path / "o", "--device", "cuda"), message)
+    assert not (tmp_path / "o").exists()
+    assert_clean_error(invoke("eval", cli_run / "best.safetensors", "--data", tiny_data, "--device", "cuda"), message)
+
+
+def test_an_existing_run_is_never_overwritten(cli_run, tiny_recipe_file, tiny_data, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(cli_run, run_dir)
+    before = snapshot(run_dir)
+    message = assert_clean_error(finetune(tiny_recipe_file, tiny_data, run_dir), r"already holds a run")
+    assert "--resume" in message
+    assert snapshot(run_dir) == before
+
+
+def test_resume_with_nothing_to_resume(tiny_recipe_file, tiny_data, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_clean_error(finetune(tiny_recipe_file, tiny_data, empty, "--resume"), r"nothing to resume in .*empty")
+    assert list(empty.iterdir()) == []
+    assert_clean_error(finetune(tiny_recipe_file, tiny_data, tmp_path / "none", "--resume"), "nothing to resume")
+    assert not (tmp_path / "none").exists()
+
+
+def test_non_finite_loss(tiny_recipe_file, tiny_data, tmp_path):
+    out = tmp_path / "run"
+    result = finetune(
+        tiny_recipe_file, tiny_data, out, "--set", "stages.0.optimizer.lr=1e30", "--set", "schedule.warmup_epochs=0"
+    )
+    assert_clean_error(result, r"the loss became non-finite in epoch 1 .*last good checkpoint is kept")
+    model = binarize.load(out / "last.safetensors")  # epoch 0, the converted model
+    assert read_metadata(out / "last.safetensors")["extra"]["metrics"]["epoch"] == 0
+    assert all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point())
+    assert [r["epoch"] for r in read_metrics(out)] == [0]
+
+
+def test_ctrl_c_saves_exits_130_and_resumes(tiny_recipe_file, tiny_data, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    calls = []
+    real_loss = loop.training_loss
+
+    def loss(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 9:  # epoch 2, step 3
+            raise KeyboardInterrupt
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "training_loss", loss)
+    message = assert_clean_error(finetune(tiny_recipe_file, tiny_data, out), r"interrupted in stage 'main'", code=130)
+    assert "interrupted.safetensors" in message
+    binarize.load(out / "interrupted.safetensors")
+    assert read_metadata(out / "last.safetensors")["extra"]["metrics"]["epoch"] == 1
+    last = load_file(out / "last.safetensors")
+    monkeypatch.undo()
+    result = finetune(tiny_recipe_file, tiny_data, out, "--resume")
+    assert result.exit_code == 0, result.output
+    assert [r["epoch"] for r in read_metrics(out)] == [0, 1, 2]
+    assert any(not torch.equal(t, load_file(out / "last.safetensors")[k]) for k, t in last.items())
+
+
+# --------------------------------------------------------------------------- recipes
+
+
+def test_recipes_lists_each_on_one_line():
+    result = invoke("recipes")
+    assert result.exit_code == 0
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == len(list_recipes())
+    for line, (name, description) in zip(lines, list_recipes().items(), strict=True):
+        assert line.split()[0] == name and line.endswith(description)
+
+
+@pytest.mark.parametrize("name", sorted(list_recipes()))
+def test_recipes_show_prints_yaml_that_loads_to_the_same_recipe(name, tmp_path):
+    result = invoke("recipes", "show", name)
+    assert result.exit_code == 0
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(result.stdout)
+    assert load_recipe(path) == load_recipe(name)
+
+
+def test_recipes_show_unknown_name():
+    assert_clean_error(invoke("recipes", "show", "imagenet-resnet81"), r"unknown recipe 'imagenet-resnet81'")
+
+
+# --------------------------------------------------------------------------- torchrun
+
+
+def torchrun(out: Path, *args: str | Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+        "--master_port", str(port), "-m", "binarize.cli.main", "finetune", "-o", str(out), *map(str, args),
+    ]  # fmt: skip
+    return subprocess.run(
+        command, capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+
+
+def test_two_process_gloo_run(two_stage_recipe_file, make_images, tmp_path):
+    """Two processes on the CPU, two stages (stage 1 leaves the scales unused), uneven validation shards."""
+    data = make_images(tmp_path / "data", train=8, val=3)  # 24 train images: 12 per process; 9 val: 5 and 4
+    recipe = tmp_path / "two-stage.yaml"
+    recipe.write_text(two_stage_recipe_file.read_text().replace("batch_size: 8", "batch_size: 4"))
+    out = tmp_path / "run"
+    proc = torchrun(out, "--recipe", recipe, "--data", data)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len(re.findall(r"best: epoch", proc.stderr)) == 1  # only the main process reports
+    # files written once, by the main process
+    names = {p.name for p in out.iterdir()} - {"curves.png", "tensorboard"}  # those two need optional packages
+    assert names == {"best.safetensors", "last.safetensors", "metrics.jsonl", "recipe.yaml", "state.pt"}
+    records = read_metrics(out)
+    assert [(r["epoch"], r["stage"]) for r in records] == [
+        (0, "converted"),
+        (1, "float-weights"),
+        (2, "binary-weights"),
+    ]
+    assert all(r["val_images"] == 9 for r in records)  # both shards counted, none twice
+    assert records[1]["images_per_s"] > 0 and records[1]["train_loss"] > 0
+    # the summed metrics are those of the saved model on the whole validation set
+    for name in ("best.safetensors", "last.safetensors"):
+        logged = read_metadata(out / name)["extra"]["metrics"]
+        metrics = evaluate_file(out / name, data)
+        assert metrics["images"] == 9
+        assert metrics["top1"] == logged["val_top1"]
+        assert metrics["loss"] == pytest.approx(logged["val_loss"], rel=1e-5)
+
+
+def test_two_process_run_stops_cleanly_on_a_non_finite_loss(tiny_recipe_file, make_images, tmp_path):
+    """Both processes stop with the error; the kept checkpoint (the converted model, BatchNorm statistics
+    re-estimated on each process's shard) is the one whose metrics were logged."""
+    data = make_images(tmp_path / "data", train=8, val=3)
+    out = tmp_path / "run"
+    proc = torchrun(
+        out,
+        "--recipe",
+        tiny_recipe_file,
+        "--data",
+        data,
+        "--set",
+        "optimizer.lr=1e30",
+        "--set",
+        "schedule.warmup_epochs=0",
+    )
+    assert proc.returncode != 0  # (torchrun itself then prints a traceback of its own)
+    # one line from each process (the two may be written into each other's)
+    assert len(re.findall(r"error: the (validation )?loss became non-finite in epoch 1", proc.stderr)) == 2, proc.stderr
+    assert proc.stderr.count("error:") == 2
+    assert [r["epoch"] for r in read_metrics(out)] == [0]
+    logged = read_metadata(out / "last.safetensors")["extra"]["metrics"]
+    metrics = evaluate_file(out / "last.safetensors", data)
+    assert (logged["epoch"], logged["val_images"], metrics["images"]) == (0, 9, 9)
+    assert metrics["top1"] == logged["val_top1"]
+    assert metrics["loss"] == pytest.approx(logged["val_loss"], rel=1e-5)
+
+
+# --------------------------------------------------------------------------- demo
+
+
+@slow
+def test_demo_command():
+    result = invoke("demo")
+    assert result.exit_code == 0, result.output
+    text = result.stdout
+    for label in ("float CNN", "right after conversion", "after 8 epochs of fine-tuning", "fp32", "packed"):
+        assert label in text
+    float_top1, converted, finetuned = (float(v) for v in re.findall(r"(\d+\.\d)%", text)[:3])
+    assert float_top1 > 90 and finetuned > converted + 30
+    assert re.search(r"size: [\d.]+ KiB fp32 -> [\d.]+ KiB packed \([\d.]+x smaller\)", text)
