@@ -19,7 +19,7 @@ from binarize.graph import GraphFacts, is_activation_module, is_fused_norm_act
 from binarize.nn import ReCUConv2d
 from binarize.policy import Decision, LayerFacts, Policy, decide
 from binarize.rewrite import add_bireal_shortcuts, rewrite_activations, sign_input_module
-from binarize.trace import default_example_inputs, propagate_shapes, trace, unwrap
+from binarize.trace import default_example_inputs, eval_mode, propagate_shapes, trace, unwrap
 
 __all__ = ["convert", "recalibrate_bn", "binarize_meta", "effective_weight", "META_ATTR"]
 
@@ -64,9 +64,10 @@ def _under(name: str, prefixes: Iterable[str]) -> bool:
     return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
-def _layer_facts(name: str, module: nn.Module, **flags) -> LayerFacts:
+def _layer_facts(name: str, module: nn.Module, unsupported: str | None = None, **flags) -> LayerFacts:
     is_conv = isinstance(module, nn.Conv2d)
-    unsupported = effective_weight(module)[1] if is_conv else None
+    if is_conv and unsupported is None:
+        unsupported = effective_weight(module)[1]
     return LayerFacts(
         name=name,
         type_names=tuple(c.__name__ for c in type(module).__mro__),
@@ -91,11 +92,22 @@ def _binarize_layers(root: nn.Module, decisions: dict[str, Decision], policy: Po
             _swap(root, name, ReCUConv2d.from_float(conv, weight, binarize_weights=policy.binarize_weights))
 
 
+def _not_in_graph(gm: fx.GraphModule, name: str, called: set[str]) -> str:
+    """Why a layer that no graph node calls cannot be binarized: the pass cannot see its inputs."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        leaf = ".".join(parts[:i])
+        if leaf in called:
+            return f"inside {type(gm.get_submodule(leaf)).__name__}, which torch.fx does not trace into"
+    return "not called in the traced graph"
+
+
 def _decide_traced(gm: fx.GraphModule, facts: GraphFacts, policy: Policy, model: nn.Module) -> dict[str, Decision]:
     first = [str(n.target) for n in facts.first_convs()] + _cfg_names(model, "first_conv")
     last = [str(n.target) for n in facts.last_layers()] + _cfg_names(model, "classifier")
     shortcut = {str(n.target) for n in facts.layer_nodes() if facts.is_shortcut_1x1(n)}
     se = {str(n.target) for n in facts.layer_nodes() if facts.is_conv(n) and facts.is_se(n)}
+    called = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
     decisions = {}
     for name, module in gm.named_modules():
         if isinstance(module, (nn.Conv2d, nn.Linear)):
@@ -105,7 +117,10 @@ def _decide_traced(gm: fx.GraphModule, facts: GraphFacts, policy: Policy, model:
                 "is_shortcut_1x1": name in shortcut,
                 "is_se": name in se,
             }
-            decisions[name] = decide(policy, _layer_facts(name, module, **flags))
+            # A conv inside a leaf module (timm's no-trace list) has inputs the pass cannot see: the
+            # activation feeding it could not be rewritten, nor its role (shortcut, SE) recognised.
+            unsupported = None if name in called else _not_in_graph(gm, name, called)
+            decisions[name] = decide(policy, _layer_facts(name, module, unsupported, **flags))
     return decisions
 
 
@@ -150,12 +165,10 @@ def _record_calls(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> l
     for name, m in model.named_modules():
         if name and not list(m.children()) or is_fused_norm_act(m) or isinstance(m, nn.Conv2d):
             handles.append(m.register_forward_hook(hook(name)))
-    was_training = model.training
-    model.eval()
     try:
-        model(*example_inputs)
+        with eval_mode(model):
+            model(*example_inputs)
     finally:
-        model.train(was_training)
         for h in handles:
             h.remove()
     return calls
@@ -210,7 +223,9 @@ def _convert_untraced(
 
 
 def convert(
-    model: nn.Module, policy: Policy | None = None, example_inputs: Sequence[torch.Tensor] | None = None
+    model: nn.Module,
+    policy: Policy | None = None,
+    example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None,
 ) -> nn.Module:
     """Converts a float model into a ReCU binary model.
 
@@ -221,8 +236,9 @@ def convert(
     Args:
         model: Any ``nn.Module`` (timm, torchvision or your own).
         policy: What to binarize; :class:`~binarize.Policy` defaults when omitted.
-        example_inputs: A tuple of input tensors, as ``torch.export`` takes them; one zero image of the
-            model's timm input size (else 3x224x224) when omitted. Used to trace shapes and count MACs.
+        example_inputs: A tuple of input tensors, as ``torch.export`` takes them (or one tensor); one zero
+            image of the model's timm input size (else 3x224x224) when omitted. Used to trace shapes and
+            count MACs.
 
     Returns:
         A new module (a ``torch.fx.GraphModule`` when the model traces) with a ``binarize_meta`` dict
@@ -238,6 +254,8 @@ def convert(
     policy = policy if policy is not None else Policy()
     source = unwrap(model)
     model = copy.deepcopy(source)
+    if isinstance(example_inputs, torch.Tensor):  # one tensor, not a tuple: tuple() would split its batch
+        example_inputs = (example_inputs,)
     example_inputs = tuple(example_inputs) if example_inputs is not None else default_example_inputs(model)
     trace_error = None
     try:
@@ -297,22 +315,20 @@ def recalibrate_bn(model: nn.Module, batches: Iterable, max_batches: int | None 
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not norms:
         return model
-    was_training = model.training
     momenta = [m.momentum for m in norms]
-    model.eval()
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None
-        m.train()
     device = next(model.parameters()).device
-    try:
-        for i, batch in enumerate(batches):
-            if max_batches is not None and i >= max_batches:
-                break
-            inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
-            model(inputs.to(device, non_blocking=True))
-    finally:
-        for m, momentum in zip(norms, momenta, strict=True):
-            m.momentum = momentum
-        model.train(was_training)
+    with eval_mode(model):
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None
+            m.training = True  # only the norm itself: its children (timm's fused act, drop) stay in eval
+        try:
+            for i, batch in enumerate(batches):
+                if max_batches is not None and i >= max_batches:
+                    break
+                inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
+                model(inputs.to(device, non_blocking=True))
+        finally:
+            for m, momentum in zip(norms, momenta, strict=True):
+                m.momentum = momentum
     return model

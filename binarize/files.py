@@ -56,6 +56,9 @@ def atomic_write(path: str | Path, write, *, force: bool = False) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the permissions open() would
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

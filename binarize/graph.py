@@ -25,15 +25,16 @@ __all__ = [
 
 ACTIVATION_TYPE_NAMES = frozenset(
     {
-        "ReLU", "ReLU6", "SiLU", "Swish", "GELU", "GELUTanh", "QuickGELU", "LeakyReLU",
-        "Hardswish", "HardSwish", "Mish", "HardMish", "ELU", "CELU", "SELU",
+        "ReLU", "ReLU6", "RReLU", "SiLU", "Swish", "SwishMe", "GELU", "GELUTanh", "QuickGELU", "LeakyReLU",
+        "Hardswish", "HardSwish", "HardSwishMe", "Mish", "MishMe", "HardMish", "HardMishMe", "ELU", "CELU",
+        "SELU", "GammaAct",
     }
 )  # fmt: skip
 """Class names of the ReLU-family activations whose output must not feed a sign directly."""
 
 ACTIVATION_FUNCTIONS = (
-    F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.silu, F.gelu, F.leaky_relu, F.hardswish,
-    F.mish, F.elu, F.celu, F.selu,
+    F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.silu, F.gelu, F.leaky_relu, F.leaky_relu_, F.hardswish,
+    F.mish, F.elu, F.elu_, F.celu, F.selu,
 )  # fmt: skip
 ACTIVATION_METHODS = frozenset({"relu", "relu_"})
 

@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import functools
 import re
+import typing
 from typing import Literal
 
-from binarize.config import Config, check
+from binarize.config import Config, check, nearest
 
 __all__ = ["Policy", "LayerFacts", "Decision", "decide"]
 
@@ -76,14 +78,30 @@ class Policy(Config):
     version: int = 1
 
     def validate(self) -> None:
+        for name, choices in _choices(type(self)).items():  # from_dict checks these; so must the constructor
+            value = getattr(self, name)
+            if value not in choices:
+                listed = ", ".join(repr(c) for c in choices)
+                check(False, name, f"must be one of {listed}, got {value!r}{nearest(str(value), choices)}")
         check(self.min_in_channels >= 0, "min_in_channels", f"must be >= 0, got {self.min_in_channels}")
         check(self.version == 1, "version", f"this binarize reads Policy version 1, got {self.version}")
         for field in ("keep", "binarize"):
-            for rule in getattr(self, field):
+            rules = getattr(self, field)
+            check(
+                isinstance(rules, tuple), field, f"expected a list of rules, got {rules!r}; write {field}=({rules!r},)"
+            )
+            for rule in rules:
                 check(isinstance(rule, str) and rule.strip() != "", field, f"rules are non-empty strings, got {rule!r}")
                 _validate_rule(field, rule)
         for rule in sorted(set(self.keep) & set(self.binarize)):
             check(False, "keep", f"{rule!r} is in both keep and binarize; remove it from one")
+
+
+@functools.cache
+def _choices(cls: type) -> dict[str, tuple]:
+    """The allowed values of each ``Literal`` field of a dataclass."""
+    hints = typing.get_type_hints(cls)
+    return {name: typing.get_args(h) for name, h in hints.items() if typing.get_origin(h) is Literal}
 
 
 def _validate_rule(field: str, rule: str) -> None:

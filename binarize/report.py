@@ -24,7 +24,7 @@ from torch import nn
 
 from binarize.convert import binarize_meta
 from binarize.nn import ReCUConv2d
-from binarize.trace import default_example_inputs, unwrap
+from binarize.trace import default_example_inputs, eval_mode, unwrap
 
 __all__ = ["LayerEntry", "Report", "inspect"]
 
@@ -81,12 +81,10 @@ def _count_macs(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> dic
     for name, module in model.named_modules():
         if isinstance(module, (nn.Conv2d, nn.Linear)):
             handles.append(module.register_forward_hook(hook(name)))
-    was_training = model.training
-    model.eval()
     try:
-        model(*example_inputs)
+        with eval_mode(model):
+            model(*example_inputs)
     finally:
-        model.train(was_training)
         for h in handles:
             h.remove()
     return macs
@@ -103,7 +101,7 @@ def _tensor_bytes(model: nn.Module) -> tuple[int, int, int]:
     return params, 4 * state, 4 * binary_weights
 
 
-def inspect(model: nn.Module, example_inputs: Sequence[torch.Tensor] | None = None) -> Report:
+def inspect(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None) -> Report:
     """The report of a model: every conv/linear layer with its decision, and the cost summary.
 
     Works on any model; a converted one (also one loaded by :func:`binarize.load`) carries the
@@ -111,8 +109,8 @@ def inspect(model: nn.Module, example_inputs: Sequence[torch.Tensor] | None = No
 
     Args:
         model: The model.
-        example_inputs: Inputs to count MACs with; by default one image of the size used at
-            conversion (else the timm input size, else 3x224x224).
+        example_inputs: Inputs (a tuple, or one tensor) to count MACs with; by default one image of the
+            size used at conversion (else the timm input size, else 3x224x224).
 
     Example::
 
@@ -124,12 +122,15 @@ def inspect(model: nn.Module, example_inputs: Sequence[torch.Tensor] | None = No
     meta = binarize_meta(model) or {}
     if example_inputs is None:
         example_inputs = default_example_inputs(model, meta.get("input_size"))
+    elif isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
     macs = _count_macs(model, example_inputs)
     recorded = meta.get("layers", {})
-    layers = []
+    layers, linears = [], 0
     for name, module in model.named_modules():
         if not isinstance(module, (nn.Conv2d, nn.Linear)):
             continue
+        linears += isinstance(module, nn.Linear)  # by type: Linear subclasses have other class names
         binary = isinstance(module, ReCUConv2d)
         reason = recorded.get(name, {}).get("reason") or ("binarized" if binary else "not converted")
         if binary and not module.binarize_weights:
@@ -152,8 +153,8 @@ def inspect(model: nn.Module, example_inputs: Sequence[torch.Tensor] | None = No
     )
     summary = {
         "binary_convs": sum(e.decision == "binary" for e in layers),
-        "float_convs": sum(e.decision == "float" and e.op != "Linear" for e in layers),
-        "float_linears": sum(e.op == "Linear" for e in layers),
+        "float_convs": sum(e.decision == "float" for e in layers) - linears,
+        "float_linears": linears,
         "binary_mac_fraction": bops / (bops + flops) if bops + flops else 0.0,
         "params": params,
         "fp32_bytes": fp32_bytes,

@@ -10,6 +10,7 @@ cloned onto the binary path.
 
 from __future__ import annotations
 
+import copy
 import operator
 
 import torch
@@ -21,7 +22,7 @@ from binarize.nn.shortcut import BiRealShortcut
 
 __all__ = ["rewrite_activations", "add_bireal_shortcuts", "sign_input_module"]
 
-_OUT_OF_PLACE = {torch.relu_: torch.relu, F.relu_: F.relu}
+_OUT_OF_PLACE = {torch.relu_: torch.relu, F.relu_: F.relu, F.leaky_relu_: F.leaky_relu, F.elu_: F.elu}
 
 
 def sign_input_module(kind: str, channels: int) -> nn.Module | None:
@@ -149,10 +150,26 @@ def rewrite_activations(gm: fx.GraphModule, facts: GraphFacts, binary: list[str]
         touched.extend([*chain, act])
         conv.replace_input_with(conv.args[0], src)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    erased = set()
     for node in sorted(dict.fromkeys(touched), key=order.__getitem__, reverse=True):
         if not node.users:  # users come after producers: erase the dead float path back to front
             gm.graph.erase_node(node)
+            erased.add(node)
+    for original, clone in clones.items():
+        if original not in erased and clone.op == "call_module":
+            _own_module(gm, clone)
     return list(dict.fromkeys(str(act.target) if act.op == "call_module" else act.name for act in made))
+
+
+def _own_module(gm: fx.GraphModule, clone: fx.Node) -> None:
+    """Gives a cloned call of a module with state (a BatchNorm) its own copy of the module: the float path
+    still calls the original, and one module called on both paths would average their statistics."""
+    module = gm.get_submodule(clone.target)
+    if next(module.parameters(), None) is None and next(module.buffers(), None) is None:
+        return
+    name = f"{clone.target}_binary_path"
+    gm.add_submodule(name, copy.deepcopy(module))
+    clone.target = name
 
 
 def add_bireal_shortcuts(

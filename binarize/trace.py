@@ -9,8 +9,9 @@ only when timm is already loaded (which it is for any timm model).
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import fx, nn
@@ -19,7 +20,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from binarize.nn import ReCUConv2d
 from binarize.nn.shortcut import BiRealShortcut
 
-__all__ = ["BinarizeTracer", "trace", "default_example_inputs", "propagate_shapes", "unwrap"]
+__all__ = ["BinarizeTracer", "trace", "default_example_inputs", "eval_mode", "propagate_shapes", "unwrap"]
 
 DEFAULT_INPUT_SIZE = (3, 224, 224)
 
@@ -65,11 +66,11 @@ def trace(model: nn.Module) -> fx.GraphModule:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module inside DistributedDataParallel and ``torch.compile`` wrappers."""
+    """The plain module inside DataParallel, DistributedDataParallel and ``torch.compile`` wrappers."""
     while True:
         if hasattr(model, "_orig_mod"):
             model = model._orig_mod
-        elif isinstance(model, nn.parallel.DistributedDataParallel):
+        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
             model = model.module
         else:
             return model
@@ -85,12 +86,21 @@ def default_example_inputs(model: nn.Module, input_size: Sequence[int] | None = 
     return (torch.zeros(1, *input_size, device=device),)
 
 
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Puts every submodule in eval mode, then restores each one's own mode (a training model may hold
+    frozen, eval-mode parts: ``model.train(was_training)`` would unfreeze them)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 @torch.no_grad()
 def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> None:
     """Records each node's output shape in ``node.meta['tensor_meta']`` (runs the model in eval mode)."""
-    was_training = gm.training
-    gm.eval()
-    try:
+    with eval_mode(gm):
         ShapeProp(gm).propagate(*example_inputs)
-    finally:
-        gm.train(was_training)

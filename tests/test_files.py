@@ -1,0 +1,284 @@
+"""Tests of binarize.files: the safetensors model file, its round trips and its errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import binarize
+from binarize.errors import BinarizeError, FileFormatError, WeightsError
+from binarize.files import FORMAT_VERSION, atomic_write, read_metadata
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+RESNET20 = SHARED / "models" / "cifar10-resnet20-12fca82f.th"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small models run as fast on one thread, and two threads stall badly when the other core is busy."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _perturb(model: nn.Module, seed: int = 0) -> None:
+    """Moves every float parameter and buffer away from its initial value, so a round trip that drops
+    or mixes up any tensor changes the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if not t.is_floating_point():
+                continue
+            if name.endswith("running_var"):
+                t.uniform_(0.5, 2.0, generator=g)
+            elif name.endswith("tau"):
+                t.fill_(0.93)
+            else:
+                t.add_(0.05 * torch.randn(t.shape, generator=g))
+
+
+def _round_trip(binary: nn.Module, path: Path, x: torch.Tensor, model: nn.Module | None = None) -> nn.Module:
+    _perturb(binary)
+    binary.eval()
+    binarize.save(binary, path)
+    loaded = binarize.load(path, model=model)
+    assert not loaded.training
+    original, restored = binary.state_dict(), loaded.state_dict()
+    assert list(restored) == list(original)
+    assert all(torch.equal(original[k], restored[k]) for k in original)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), binary(x))
+    assert binarize.inspect(loaded).to_dict() == binarize.inspect(binary).to_dict()
+    return loaded
+
+
+def test_round_trip_timm_model(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    binary = binarize.convert(binarize.create_model("regnetx_002", num_classes=10), example_inputs=(x[:1],))
+    _round_trip(binary, tmp_path / "regnetx.safetensors", x)
+    assert read_metadata(tmp_path / "regnetx.safetensors")["source"] == {"spec": "regnetx_002", "num_classes": 10}
+
+
+def test_round_trip_torchvision_model(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    float_model = binarize.create_model("torchvision:mobilenet_v3_small", num_classes=10)
+    binary = binarize.convert(float_model, binarize.Policy(activation="prelu"), (x[:1],))
+    _round_trip(binary, tmp_path / "mnv3.safetensors", x)
+
+
+@pytest.mark.skipif(not RESNET20.is_file(), reason=f"shared checkpoint not found: {RESNET20}")
+def test_round_trip_zoo_model_with_the_real_checkpoint(tmp_path):
+    float_model = binarize.create_model("cifar_resnet20", weights=RESNET20)
+    file_weights = torch.load(RESNET20, map_location="cpu", weights_only=True)["state_dict"]
+    assert torch.equal(float_model.conv1.weight, file_weights["module.conv1.weight"])
+    x = torch.randn(4, 3, 32, 32)
+    policy = binarize.Policy(shortcuts="bireal", shortcut_downsample="zero_pad")
+    binary = binarize.convert(float_model, policy, (x[:1],))
+    binarize.recalibrate_bn(binary, [torch.randn(16, 3, 32, 32) for _ in range(2)])
+    loaded = _round_trip(binary, tmp_path / "resnet20.safetensors", x)
+    assert len(binarize.binarize_meta(loaded)["shortcuts"]) == 18
+
+
+def test_round_trip_bireal_avgpool_conv(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    binary = binarize.convert(binarize.create_model("cifar_resnet20"), binarize.Policy(shortcuts="bireal"), (x[:1],))
+    assert any(k.endswith("_shortcut.conv.weight") for k in binary.state_dict())
+    _round_trip(binary, tmp_path / "bireal.safetensors", x)
+
+
+def test_round_trip_user_built_model(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    binary = binarize.convert(torchvision.models.squeezenet1_1(num_classes=5), example_inputs=(x[:1],))
+    path = tmp_path / "user.safetensors"
+    _round_trip(binary, path, x, model=torchvision.models.squeezenet1_1(num_classes=5))
+    assert read_metadata(path)["source"] is None
+    with pytest.raises(FileFormatError, match="pass it: binarize.load\\(path, model=float_model\\)"):
+        binarize.load(path)
+    shapes = "classifier.1.weight: file \\[5, 512, 1, 1\\] vs model \\[7, 512, 1, 1\\]"
+    with pytest.raises(WeightsError, match="wrong shape .*" + shapes):
+        binarize.load(path, model=torchvision.models.squeezenet1_1(num_classes=7))
+
+
+class Untraceable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.conv = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+        self.bn, self.act, self.fc = nn.BatchNorm2d(16), nn.ReLU(), nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.stem(x))
+        if x.mean() > 0:  # torch.fx cannot trace this: the model is converted by module name
+            x = self.bn(self.conv(x))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_round_trip_untraceable_model(tmp_path):
+    x = torch.randn(2, 3, 8, 8)
+    binary = binarize.convert(Untraceable(), binarize.Policy(activation="prelu"), (x[:1],))
+    assert binarize.binarize_meta(binary)["traced"] is False and isinstance(binary.act, nn.PReLU)
+    _round_trip(binary, tmp_path / "untraced.safetensors", x, model=Untraceable())
+
+
+def test_round_trip_model_from_a_user_file(tmp_path, monkeypatch):
+    source = tmp_path / "nets.py"
+    source.write_text(
+        textwrap.dedent(
+            """
+            from torch import nn
+
+            def make_net(num_classes=10):
+                return nn.Sequential(
+                    nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1),
+                    nn.BatchNorm2d(32), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, num_classes),
+                )
+            """
+        )
+    )
+    monkeypatch.chdir(tmp_path)
+    x = torch.randn(2, 3, 16, 16)
+    binary = binarize.convert(binarize.create_model("nets.py:make_net", num_classes=3), example_inputs=(x[:1],))
+    _round_trip(binary, tmp_path / "net.safetensors", x)
+    assert read_metadata(tmp_path / "net.safetensors")["source"] == {"spec": f"{source}:make_net", "num_classes": 3}
+
+
+def test_file_is_plain_safetensors_with_json_metadata(tmp_path):
+    binary = binarize.convert(binarize.create_model("cifar_resnet20"), example_inputs=(torch.zeros(1, 3, 32, 32),))
+    path = binarize.save(binary, tmp_path / "m.safetensors", extra={"top1": 0.5, "note": "ok"})
+    raw = path.read_bytes()
+    header_len = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + header_len])  # the whole header is JSON: no pickle anywhere
+    assert set(header["__metadata__"]) == {"binarize"}
+    with safe_open(str(path), framework="pt") as f:
+        assert sorted(f.keys()) == sorted(binary.state_dict())
+        document = json.loads(f.metadata()["binarize"])
+    assert document == {
+        "format": "binarize",
+        "format_version": FORMAT_VERSION,
+        "library_version": binarize.__version__,
+        "source": {"spec": "cifar_resnet20", "num_classes": None},
+        "policy": binarize.Policy().to_dict(),
+        "input_size": [3, 32, 32],
+        "extra": {"top1": 0.5, "note": "ok"},
+    }
+    assert binarize.binarize_meta(binarize.load(path))["extra"] == {"top1": 0.5, "note": "ok"}
+
+
+def test_refuses_to_overwrite_without_force(tmp_path):
+    binary = binarize.convert(binarize.create_model("cifar_resnet20"), example_inputs=(torch.zeros(1, 3, 32, 32),))
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(b"precious")
+    with pytest.raises(BinarizeError, match="already exists"):
+        binarize.save(binary, path)
+    assert path.read_bytes() == b"precious"
+    binarize.save(binary, path, force=True)
+    assert read_metadata(path)["format"] == "binarize"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]  # no temporary file left
+
+
+def test_atomic_write_leaves_nothing_behind_when_writing_fails(tmp_path):
+    def broken(tmp):
+        Path(tmp).write_bytes(b"half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        atomic_write(tmp_path / "out.safetensors", broken)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_saved_file_permissions_follow_the_umask(tmp_path):
+    binary = binarize.convert(binarize.create_model("cifar_resnet20"), example_inputs=(torch.zeros(1, 3, 32, 32),))
+    previous = os.umask(0o022)
+    try:
+        path = binarize.save(binary, tmp_path / "m.safetensors")
+    finally:
+        os.umask(previous)
+    assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_save_needs_a_converted_model(tmp_path):
+    with pytest.raises(BinarizeError, match="takes a model returned by binarize.convert"):
+        binarize.save(nn.Linear(2, 2), tmp_path / "m.safetensors")
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def _write(path: Path, tensors: dict | None = None, metadata: dict | None = None) -> Path:
+    save_file(tensors or {"w": torch.zeros(2)}, str(path), metadata=metadata)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", "is not a safetensors file"),
+        (b"hello, I am text\n", "is not a safetensors file"),
+        (b'\x10\x00\x00\x00\x00\x00\x00\x00{"a":', "is not a safetensors file"),
+        (bytes(random.Random(0).randrange(256) for _ in range(256)), "is not a safetensors file"),
+    ],
+    ids=["empty", "text", "truncated", "random"],
+)
+def test_corrupt_files(tmp_path, content, message):
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(FileFormatError, match=message):
+        binarize.load(path)
+
+
+def test_truncated_binarize_file(tmp_path):
+    binary = binarize.convert(binarize.create_model("cifar_resnet20"), example_inputs=(torch.zeros(1, 3, 32, 32),))
+    path = binarize.save(binary, tmp_path / "m.safetensors")
+    path.write_bytes(path.read_bytes()[:-1000])
+    with pytest.raises(BinarizeError) as info:
+        binarize.load(path)
+    assert "\n" not in str(info.value)
+
+
+def test_safetensors_file_that_is_not_a_binarize_model(tmp_path):
+    path = _write(tmp_path / "plain.safetensors")
+    with pytest.raises(FileFormatError, match="is a safetensors file but not a binarize model"):
+        binarize.load(path)
+
+
+@pytest.mark.parametrize(
+    ("document", "message"),
+    [
+        ("{not json", "corrupt binarize metadata"),
+        (json.dumps({"format": "binarize"}), "corrupt binarize metadata \\(no format version\\)"),
+        (json.dumps({"format": "other", "format_version": 1}), "corrupt binarize metadata"),
+        (json.dumps({"format": "binarize", "format_version": FORMAT_VERSION + 1}), "upgrade binarize"),
+    ],
+)
+def test_bad_metadata(tmp_path, document, message):
+    path = _write(tmp_path / "m.safetensors", metadata={"binarize": document})
+    with pytest.raises(FileFormatError, match=message):
+        read_metadata(path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FileFormatError, match="no such file"):
+        binarize.load(tmp_path / "nope.safetensors")
+
+
+def test_weights_that_do_not_fit_the_recorded_policy(tmp_path):
+    binary = binarize.convert(binarize.create_model("cifar_resnet20"), example_inputs=(torch.zeros(1, 3, 32, 32),))
+    path = binarize.save(binary, tmp_path / "m.safetensors")
+    document = read_metadata(path)
+    document["policy"]["shortcuts"] = "bireal"  # the tensors no longer match what the policy rebuilds
+    _write(tmp_path / "tampered.safetensors", load_file(str(path)), {"binarize": json.dumps(document)})
+    expected = "weights do not fit the model: 2 missing (layer2.0.conv1_shortcut.conv.weight, layer3.0.conv1_shortcut"
+    with pytest.raises(WeightsError, match=expected.replace(".", "\\.").replace("(", "\\(")):
+        binarize.load(tmp_path / "tampered.safetensors")

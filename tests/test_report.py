@@ -1,0 +1,176 @@
+"""Tests of binarize.report: the layer table and the cost summary, checked against hand counts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import binarize
+from binarize.report import LayerEntry, Report
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small models run as fast on one thread, and two threads stall badly when the other core is busy."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+class HeadLinear(nn.Linear):
+    """A Linear subclass with its own class name (like torch's NonDynamicallyQuantizableLinear)."""
+
+
+class Small(nn.Module):
+    """conv1 (float, first) -> dw (float, depthwise) -> conv2 (binary) -> fc (float, last); one unused conv."""
+
+    def __init__(self, head: type[nn.Linear] = nn.Linear) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
+        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.conv2, self.bn2 = nn.Conv2d(16, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32)
+        self.unused = nn.Conv2d(32, 32, 1)
+        self.fc = head(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(torch.relu(self.dw(x)))))
+        return self.fc(x.mean((2, 3)))
+
+
+# Hand counts for one 3x8x8 image.
+CONV1_MACS = 16 * 8 * 8 * (3 * 3 * 3)
+DW_MACS = 16 * 8 * 8 * (1 * 3 * 3)
+CONV2_MACS = 32 * 8 * 8 * (16 * 3 * 3)
+FC_MACS = 10 * 32
+CONV2_WEIGHTS = 32 * 16 * 3 * 3
+PARAMS = 16 * 27 + 2 * 16 + (16 * 9 + 16) + CONV2_WEIGHTS + 32 + 2 * 32 + (320 + 10)  # + alpha (32)
+BUFFERS = 2 * 16 + 2 * 32  # running mean and var; tau and num_batches_tracked not counted
+
+
+def _convert(policy: binarize.Policy | None = None, head: type[nn.Linear] = nn.Linear) -> nn.Module:
+    torch.manual_seed(0)
+    return binarize.convert(Small(head), policy, (torch.randn(1, 3, 8, 8),))
+
+
+def test_layers_of_a_converted_model():
+    report = binarize.inspect(_convert())
+    assert report.layers == (
+        LayerEntry("conv1", "Conv2d", [16, 3, 3, 3], "float", "first conv", CONV1_MACS),
+        LayerEntry("dw", "Conv2d", [16, 1, 3, 3], "float", "depthwise", DW_MACS),
+        LayerEntry("conv2", "ReCUConv2d", [32, 16, 3, 3], "binary", "binarized", CONV2_MACS),
+        LayerEntry("fc", "Linear", [10, 32], "float", "last layer", FC_MACS),
+    )  # the unused conv is not part of the traced model
+
+
+def test_summary_counts_by_hand():
+    summary = binarize.inspect(_convert()).summary
+    flops = CONV1_MACS + DW_MACS + FC_MACS
+    fp32_bytes = 4 * (PARAMS + BUFFERS)
+    assert {k: summary[k] for k in ("binary_convs", "float_convs", "float_linears", "bops", "flops")} == {
+        "binary_convs": 1,
+        "float_convs": 2,
+        "float_linears": 1,
+        "bops": CONV2_MACS,
+        "flops": flops,
+    }
+    assert summary["ops"] == flops + CONV2_MACS / 64
+    assert summary["binary_mac_fraction"] == CONV2_MACS / (CONV2_MACS + flops)
+    assert summary["params"] == PARAMS
+    assert summary["fp32_bytes"] == fp32_bytes
+    assert summary["packed_bytes"] == fp32_bytes - 4 * CONV2_WEIGHTS + CONV2_WEIGHTS // 8
+    assert summary["input_size"] == [3, 8, 8] and summary["traced"] is True
+    assert summary["activations_replaced"] == 1 and summary["shortcuts_added"] == 0
+    assert summary["policy"] == binarize.Policy().to_dict()
+    assert "trace_error" not in summary
+
+
+def test_packed_size_rounds_each_binary_layer_up_to_whole_bytes():
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Conv2d(8, 3, 3, bias=False), nn.BatchNorm2d(3), nn.Conv2d(3, 4, 1)
+    )
+    binary = binarize.convert(model, binarize.Policy(min_in_channels=0), (torch.randn(1, 3, 8, 8),))
+    summary = binarize.inspect(binary).summary
+    assert summary["binary_convs"] == 1
+    bits = 3 * 8 * 3 * 3  # 216 weights: 27 bytes
+    assert summary["fp32_bytes"] - summary["packed_bytes"] == 4 * bits - 27
+    odd = binarize.convert(nn.Sequential(nn.Conv2d(3, 9, 1), nn.Conv2d(9, 1, 1), nn.Conv2d(1, 2, 1)),
+                           binarize.Policy(min_in_channels=0), (torch.randn(1, 3, 4, 4),))  # fmt: skip
+    summary = binarize.inspect(odd).summary
+    assert summary["fp32_bytes"] - summary["packed_bytes"] == 4 * 9 - 2  # 9 weights take 2 bytes
+
+
+def test_activations_only_layers_are_not_packed():
+    summary = binarize.inspect(_convert(binarize.Policy(binarize_weights=False))).summary
+    assert summary["packed_bytes"] == summary["fp32_bytes"] == 4 * (PARAMS + BUFFERS)
+    assert summary["bops"] == CONV2_MACS  # activations are binary: the MACs are still counted as binary
+
+
+def test_example_inputs_override_the_recorded_size():
+    report = binarize.inspect(_convert(), (torch.randn(1, 3, 16, 16),))
+    assert report.summary["input_size"] == [3, 16, 16]
+    assert report.summary["bops"] == 4 * CONV2_MACS
+    assert binarize.inspect(_convert(), torch.randn(2, 3, 16, 16)) == report  # one tensor; MACs per image
+
+
+def test_linear_subclasses_are_counted_as_linear_layers():
+    summary = binarize.inspect(_convert(head=HeadLinear)).summary
+    assert (summary["binary_convs"], summary["float_convs"], summary["float_linears"]) == (1, 2, 1)
+
+
+def test_bireal_and_prelu_parameters_are_counted():
+    binary = _convert(binarize.Policy(shortcuts="bireal", activation="prelu"))
+    report = binarize.inspect(binary)
+    shortcut_conv = 32 * 16  # 16 -> 32 channels: a float 1x1 conv
+    assert report.summary["params"] == PARAMS + shortcut_conv + 16  # + PReLU slopes
+    assert report.summary["shortcuts_added"] == 1
+    entry = next(e for e in report.layers if e.name.endswith("_shortcut.conv"))
+    assert (entry.decision, entry.reason, entry.macs) == ("float", "Bi-Real shortcut of conv2", 32 * 8 * 8 * 16)
+    assert report.summary["flops"] == CONV1_MACS + DW_MACS + FC_MACS + entry.macs
+
+
+def test_an_unconverted_model_is_described_by_its_types():
+    report = binarize.inspect(Small(), (torch.randn(1, 3, 8, 8),))
+    assert [(e.name, e.decision, e.reason, e.macs) for e in report.layers] == [
+        ("conv1", "float", "not converted", CONV1_MACS),
+        ("dw", "float", "not converted", DW_MACS),
+        ("conv2", "float", "not converted", CONV2_MACS),
+        ("unused", "float", "not converted", 0),
+        ("fc", "float", "not converted", FC_MACS),
+    ]
+    s = report.summary
+    assert (s["traced"], s["policy"], s["binary_convs"], s["bops"], s["binary_mac_fraction"]) == (None, None, 0, 0, 0.0)
+    assert s["packed_bytes"] == s["fp32_bytes"]
+
+
+def test_inspect_default_input_size():
+    report = binarize.inspect(Small())  # no meta and no timm config: one 3x224x224 image
+    assert report.summary["input_size"] == [3, 224, 224]
+    assert report.layers[0].macs == 16 * 224 * 224 * 27
+
+
+def test_to_dict_is_plain_json():
+    report = binarize.inspect(_convert(binarize.Policy(keep=("dw",))))
+    data = report.to_dict()
+    assert json.loads(json.dumps(data)) == data
+    assert list(data) == ["layers", "summary"]
+    assert data["layers"][1] == {
+        "name": "dw", "op": "Conv2d", "shape": [16, 1, 3, 3], "decision": "float", "reason": "user rule keep:dw",
+        "macs": DW_MACS,
+    }  # fmt: skip
+    assert data["summary"]["policy"]["keep"] == ["dw"]
+    assert isinstance(report, Report) and data == Report(report.layers, report.summary).to_dict()
+
+
+def test_inspect_leaves_the_model_and_its_mode_alone():
+    binary = _convert().train()
+    binary.bn1.eval()  # a frozen BatchNorm inside a training model stays frozen
+    modes = [m.training for m in binary.modules()]
+    state = {k: v.clone() for k, v in binary.state_dict().items()}
+    binarize.inspect(binary)
+    assert [m.training for m in binary.modules()] == modes and not binary.bn1.training
+    assert all(torch.equal(v, binary.state_dict()[k]) for k, v in state.items())  # no BN statistics updated
