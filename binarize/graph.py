@@ -47,9 +47,19 @@ _PASS_FUNCTIONS = (
     F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.pad, F.dropout, F.batch_norm,
 )  # fmt: skip
 _PASS_METHODS = frozenset({"contiguous", "clone"})
+_STRUCTURAL_FUNCTIONS = (
+    torch.cat, torch.concat, torch.stack, torch.split, torch.chunk, torch.flatten, torch.reshape, torch.transpose,
+    torch.permute, torch.narrow, torch.squeeze, torch.unsqueeze, torch.roll, operator.getitem, F.pixel_shuffle,
+    F.pixel_unshuffle, torch.sum,
+)  # fmt: skip
+_STRUCTURAL_METHODS = frozenset(
+    {"view", "reshape", "flatten", "transpose", "permute", "split", "chunk", "narrow", "squeeze", "unsqueeze",
+     "expand", "expand_as", "repeat", "roll", "sum"}
+)  # fmt: skip
 _ADD_TARGETS = (operator.add, operator.iadd, torch.add)
-_GATE_TYPE_NAMES = frozenset({"Sigmoid", "Hardsigmoid", "HardSigmoid", "GateSigmoid"})
-_GATE_FUNCTIONS = (torch.sigmoid, F.sigmoid, F.hardsigmoid)
+_PRODUCT_TARGETS = (operator.mul, operator.imul, torch.mul)
+_GATE_TYPE_NAMES = frozenset({"Sigmoid", "Hardsigmoid", "HardSigmoid", "GateSigmoid", "Softmax", "RadixSoftmax"})
+_GATE_FUNCTIONS = (torch.sigmoid, F.sigmoid, F.hardsigmoid, F.softmax, torch.softmax)
 
 
 def is_activation_module(module: nn.Module) -> bool:
@@ -107,11 +117,24 @@ class GraphFacts:
             return type(m).__name__ in _GATE_TYPE_NAMES
         if node.op == "call_function":
             return node.target in _GATE_FUNCTIONS
-        return node.op == "call_method" and node.target in ("sigmoid", "sigmoid_")
+        return node.op == "call_method" and node.target in ("sigmoid", "sigmoid_", "softmax")
 
     def is_global_pool(self, node: fx.Node) -> bool:
         shape = _shape(node)
         return shape is not None and len(shape) == 4 and shape[2] == 1 and shape[3] == 1 and not self.is_layer(node)
+
+    def is_structural(self, node: fx.Node) -> bool:
+        """Ops that move values without changing their signs: concatenation, splits, indexing, reshapes, and
+        sums over a dimension (split attention adds its branches that way)."""
+        if node.op == "call_function":
+            return node.target in _STRUCTURAL_FUNCTIONS
+        return node.op == "call_method" and node.target in _STRUCTURAL_METHODS
+
+    def is_product(self, node: fx.Node) -> bool:
+        """Elementwise multiplication (a squeeze-and-excitation gate applied to features)."""
+        if node.op == "call_function":
+            return node.target in _PRODUCT_TARGETS
+        return node.op == "call_method" and node.target in ("mul", "mul_")
 
     def is_add(self, node: fx.Node) -> bool:
         if node.op == "call_function":
@@ -186,8 +209,9 @@ class GraphFacts:
                     return True
         return False
 
-    def is_se(self, node: fx.Node, depth: int = 4) -> bool:
-        """A conv of a squeeze-and-excitation gate: globally pooled input and a sigmoid-like gate after."""
+    def is_se(self, node: fx.Node, depth: int = 6) -> bool:
+        """A conv of a squeeze-and-excitation gate or of split attention: globally pooled input and a sigmoid
+        or softmax gate after."""
         return self._reaches(node, forward=False, depth=depth, goal=self.is_global_pool) and self._reaches(
             node, forward=True, depth=depth, goal=self.is_gate
         )

@@ -1,11 +1,12 @@
 """Graph rewrites around binary convolutions: activations that feed them, and Bi-Real shortcuts.
 
 A sign after a ReLU is +1 everywhere, so a ReLU-family activation whose output reaches a binary conv
-(directly or through BatchNorm, pooling, padding or dropout) is replaced on that path by a
-``Hardtanh`` (ReCU's and Bi-Real Net's activation), an identity or a PReLU. Consumers that do not
-reach a binary conv (a residual shortcut, a float 1x1 downsample, the head) keep the original
-activation: the activation is split, and the pass-through ops between it and the binary conv are
-cloned onto the binary path.
+is replaced on that path by a ``Hardtanh`` (ReCU's and Bi-Real Net's activation), an identity or a
+PReLU. "Reaches" means directly or through ops that move or combine values without creating signs of
+their own: BatchNorm, pooling, padding, dropout, concatenation, splits and indexing, reshapes, products
+(a squeeze-and-excitation gate) and sums of such values. Consumers that do not reach a binary conv (a
+residual shortcut, a float 1x1 downsample, the head) keep the original activation: the activation is
+split, and the ops between it and the binary conv are cloned onto the binary path.
 """
 
 from __future__ import annotations
@@ -75,39 +76,77 @@ def _split_fused(gm: fx.GraphModule, facts: GraphFacts, target: str) -> list[fx.
     return act_nodes
 
 
-def _binary_side(gm: fx.GraphModule, act: fx.Node, kind: str, made: dict, fused: set[str]) -> fx.Node:
-    """The node that feeds binary convs instead of the activation node ``act``.
-
-    For a fused norm-act module, already split by :func:`_split_fused`, the module's own output is
-    the pre-activation value.
-    """
-    if act in made:
-        return made[act]
-    if act.op == "call_module" and act.target in fused:
-        pre = anchor = act
-    else:
-        pre = act.args[0] if act.args else act.kwargs["input"]
-        anchor = None
+def _binary_side(gm: fx.GraphModule, act: fx.Node, kind: str) -> fx.Node:
+    """A new node that computes what feeds binary convs instead of the activation node ``act``."""
+    pre = act.args[0] if act.args else act.kwargs["input"]
     _make_out_of_place(gm, act)
     replacement = sign_input_module(kind, _channels(pre))
     if replacement is None:
-        made[act] = pre
         return pre
-    if act.op == "call_module":
-        name = f"{act.target}_sign_input"
-    else:
-        name = f"{act.name}_sign_input"
+    name = f"{act.target if act.op == 'call_module' else act.name}_sign_input"
     gm.add_submodule(name, replacement)
-    ctx = gm.graph.inserting_after(anchor) if anchor is not None else gm.graph.inserting_before(act)
-    with ctx:
+    with gm.graph.inserting_before(act):
         node = gm.graph.call_module(name, (pre,))
     node.meta = dict(pre.meta)
-    made[act] = node
     return node
 
 
+class _BinaryPath:
+    """Builds, for a node on the way into a binary conv, the node to use there instead.
+
+    A ReLU-family activation is replaced; an op that only moves or combines values (pass-through,
+    concatenation, split, indexing, reshape, a product such as a squeeze-and-excitation gate) is cloned
+    with its inputs replaced, when one of them changed; a sum only when all its inputs changed (a sum of
+    non-negative values is non-negative, a sum with anything else already has both signs). Every other
+    node stays as it is. The float consumers keep the original nodes.
+    """
+
+    def __init__(self, gm: fx.GraphModule, facts: GraphFacts, kind: str) -> None:
+        self.gm, self.facts, self.kind = gm, facts, kind
+        self.memo: dict[fx.Node, fx.Node] = {}
+        self.replaced: dict[fx.Node, None] = {}
+        self.cloned: dict[fx.Node, fx.Node] = {}
+
+    def _combines(self, node: fx.Node) -> bool:
+        f = self.facts
+        return f.is_pass_through(node) or f.is_structural(node) or f.is_product(node) or f.is_add(node)
+
+    def activations(self, node: fx.Node, seen: dict[fx.Node, None]) -> list[fx.Node]:
+        """The activations :meth:`node_for` would replace behind ``node`` (no graph change)."""
+        if node in seen:
+            return []
+        seen[node] = None
+        if self.facts.is_activation(node):
+            return [node]
+        if not self._combines(node):
+            return []
+        return [a for n in node.all_input_nodes for a in self.activations(n, seen)]
+
+    def node_for(self, node: fx.Node) -> fx.Node:
+        if node in self.memo:
+            return self.memo[node]
+        result = node
+        if self.facts.is_activation(node):
+            result = _binary_side(self.gm, node, self.kind)
+            self.replaced[node] = None
+        elif self._combines(node):
+            inputs = node.all_input_nodes
+            new = {n: self.node_for(n) for n in inputs}
+            changed = [n for n in inputs if new[n] is not n]
+            if changed and (len(changed) == len(inputs) or not self.facts.is_add(node)):
+                with self.gm.graph.inserting_before(node):
+                    result = self.gm.graph.node_copy(node, lambda n: new.get(n, n))
+                result.target = _OUT_OF_PLACE_OPS.get(result.target, result.target)
+                self.cloned[node] = result
+        self.memo[node] = result
+        return result
+
+
+_OUT_OF_PLACE_OPS = {operator.iadd: operator.add, operator.imul: operator.mul, "add_": "add", "mul_": "mul"}
+
+
 def rewrite_activations(gm: fx.GraphModule, facts: GraphFacts, binary: list[str], kind: str) -> list[str]:
-    """Replaces, on the path to each binary conv, the ReLU-family activation that feeds it.
+    """Replaces, on the paths into each binary conv, the ReLU-family activations that feed it.
 
     Args:
         gm: The traced model (modified in place).
@@ -121,44 +160,27 @@ def rewrite_activations(gm: fx.GraphModule, facts: GraphFacts, binary: list[str]
     if kind == "keep":
         return []
     wanted = set(binary)
-    convs = [n for n in gm.graph.nodes if n.op == "call_module" and n.target in wanted]
-    chains = []
-    for conv in convs:
-        chain, node = [], conv.args[0]
-        while facts.is_pass_through(node):
-            chain.append(node)
-            node = node.args[0]
-        if facts.is_activation(node):
-            chains.append((conv, chain, node))
-    made: dict[fx.Node, fx.Node] = {}
-    clones: dict[fx.Node, fx.Node] = {}
+    convs = [n for n in gm.graph.nodes if n.op == "call_module" and n.target in wanted and n.args]
+    path = _BinaryPath(gm, facts, kind)
+    seen: dict[fx.Node, None] = {}
+    reached = [a for conv in convs for a in path.activations(conv.args[0], seen)]
+    fused = {str(a.target) for a in reached if a.op == "call_module" and is_fused_norm_act(facts.module(a))}
     touched: list[fx.Node] = []
-    fused = {
-        str(act.target) for _, _, act in chains if act.op == "call_module" and is_fused_norm_act(facts.module(act))
-    }
-    for target in sorted(fused):
+    for target in sorted(fused):  # their activation becomes a node of its own, which node_for replaces
         touched.extend(_split_fused(gm, facts, target))
-    for conv, chain, act in chains:
-        src = _binary_side(gm, act, kind, made, fused)
-        for original in reversed(chain):
-            if original not in clones:
-                with gm.graph.inserting_before(original):
-                    clones[original] = gm.graph.node_copy(
-                        original, lambda n, o=original, s=src: s if n is o.args[0] else n
-                    )
-            src = clones[original]
-        touched.extend([*chain, act])
-        conv.replace_input_with(conv.args[0], src)
+    for conv in convs:
+        conv.replace_input_with(conv.args[0], path.node_for(conv.args[0]))
+    touched += [*path.replaced, *path.cloned]
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     erased = set()
     for node in sorted(dict.fromkeys(touched), key=order.__getitem__, reverse=True):
         if not node.users:  # users come after producers: erase the dead float path back to front
             gm.graph.erase_node(node)
             erased.add(node)
-    for original, clone in clones.items():
+    for original, clone in path.cloned.items():
         if original not in erased and clone.op == "call_module":
             _own_module(gm, clone)
-    return list(dict.fromkeys(str(act.target) if act.op == "call_module" else act.name for act in made))
+    return list(dict.fromkeys(str(a.target) if a.op == "call_module" else a.name for a in path.replaced))
 
 
 def _own_module(gm: fx.GraphModule, clone: fx.Node) -> None:

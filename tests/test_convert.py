@@ -105,29 +105,6 @@ ARCHITECTURES = [pytest.param(a, id=a[0]) for a in _TIMM_FAST + _TV_FAST] + [
     pytest.param(a, id=a[0], marks=slow) for a in _TIMM_SLOW + _TV_SLOW
 ]
 
-# Models in which a value that only a ReLU-family activation produced still reaches a binary conv through
-# an op the activation rewrite does not look through (concatenation, split/chunk, channel shuffle, the
-# multiply by an SE gate, the sum of two ReLU outputs): the conv's input signs are all +1. Known gap of
-# the rewrite (see binarize/rewrite.py); a model that starts passing makes its test fail (strict xfail).
-# Such a conv outputs the same value everywhere, so in training its BatchNorm sees zero variance and the
-# gradients of these models overflow.
-_NON_NEGATIVE_INPUTS = {
-    "regnety_002": "SE gate multiply of a ReLU output",
-    "mobilenetv3_small_050": "SE gate multiply of a ReLU output",
-    "dla34": "concatenation of ReLU outputs (tree roots)",
-    "ese_vovnet19b_dw": "concatenation of ReLU outputs, eSE gate",
-    "hrnet_w18_small": "sum of ReLU outputs",
-    "ghostnet_050": "concatenation of ReLU outputs (ghost modules)",
-    "res2net50_14w_8s": "split of a ReLU output, sums of ReLU outputs",
-    "resnest14d": "split-attention sums of ReLU outputs",
-    "skresnet18": "selective-kernel sums of ReLU outputs",
-    "hardcorenas_a": "SE gate multiply of a ReLU output",
-    "tv:mobilenet_v3_small": "SE gate multiply of a ReLU output",
-    "tv:shufflenet_v2_x0_5": "channel split/concatenation/shuffle of ReLU outputs",
-    "tv:squeezenet1_0": "concatenation of ReLU outputs (fire modules)",
-    "tv:googlenet": "concatenation of ReLU outputs (inception modules)",
-    "inception_v3": "concatenation of ReLU outputs (inception modules)",
-}
 
 # ---------------------------------------------------------------------------------------------------
 # The checker: what counts as a ReLU-family activation and what a sign can look through. Written here
@@ -257,8 +234,7 @@ def test_backward_reaches_every_trainable_parameter(case):
         model.eval()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing
-    if case.name not in _NON_NEGATIVE_INPUTS:  # there, constant conv outputs give BatchNorm zero variance
-        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     model.zero_grad(set_to_none=True)
 
 
@@ -302,9 +278,8 @@ def test_no_relu_family_op_feeds_a_binary_conv(case):
     assert called == {n for n, m in modules.items() if isinstance(m, ReCUConv2d)}
 
 
-def test_binary_convs_see_inputs_of_both_signs(case, request):
-    if case.name in _NON_NEGATIVE_INPUTS:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=_NON_NEGATIVE_INPUTS[case.name]))
+def test_binary_convs_see_inputs_of_both_signs(case):
+    """A value only a ReLU produced (also through concatenation, splits, an SE gate, sums) gives signs of +1."""
     non_negative = []
     handles = [
         m.register_forward_pre_hook(lambda _m, args, n=name: non_negative.append(n) if (args[0] >= 0).all() else None)
