@@ -17,7 +17,7 @@ from torch import fx, nn
 from binarize._version import __version__
 from binarize.graph import GraphFacts, is_activation_module, is_fused_norm_act
 from binarize.nn import ReCUConv2d
-from binarize.policy import Decision, LayerFacts, Policy, decide
+from binarize.policy import Decision, LayerFacts, Policy, check_rules_match, decide
 from binarize.rewrite import add_bireal_shortcuts, rewrite_activations, sign_input_module
 from binarize.trace import default_example_inputs, eval_mode, propagate_shapes, trace, unwrap
 
@@ -108,7 +108,7 @@ def _decide_traced(gm: fx.GraphModule, facts: GraphFacts, policy: Policy, model:
     shortcut = {str(n.target) for n in facts.layer_nodes() if facts.is_shortcut_1x1(n)}
     se = {str(n.target) for n in facts.layer_nodes() if facts.is_conv(n) and facts.is_se(n)}
     called = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
-    decisions = {}
+    layers = []
     for name, module in gm.named_modules():
         if isinstance(module, (nn.Conv2d, nn.Linear)):
             flags = {
@@ -120,8 +120,9 @@ def _decide_traced(gm: fx.GraphModule, facts: GraphFacts, policy: Policy, model:
             # A conv inside a leaf module (timm's no-trace list) has inputs the pass cannot see: the
             # activation feeding it could not be rewritten, nor its role (shortcut, SE) recognised.
             unsupported = None if name in called else _not_in_graph(gm, name, called)
-            decisions[name] = decide(policy, _layer_facts(name, module, unsupported, **flags))
-    return decisions
+            layers.append(_layer_facts(name, module, unsupported, **flags))
+    check_rules_match(policy, layers)
+    return {f.name: decide(policy, f) for f in layers}
 
 
 def _convert_traced(gm: fx.GraphModule, policy: Policy, model: nn.Module) -> tuple[nn.Module, dict]:
@@ -182,7 +183,7 @@ def _convert_untraced(
     layer_calls = [c for c in calls if isinstance(c[1], (nn.Conv2d, nn.Linear))]
     first = ([layer_calls[0][0]] if layer_calls else []) + _cfg_names(model, "first_conv")
     last = ([layer_calls[-1][0]] if layer_calls else []) + _cfg_names(model, "classifier")
-    decisions = {}
+    layers = []
     for name, module in model.named_modules():
         if isinstance(module, (nn.Conv2d, nn.Linear)):
             is_conv = isinstance(module, nn.Conv2d)
@@ -195,7 +196,9 @@ def _convert_untraced(
                 and any(p in ("downsample", "shortcut", "skip") for p in parts),
                 "is_se": any(p in ("se", "squeeze_excite") for p in parts),
             }
-            decisions[name] = decide(policy, _layer_facts(name, module, **flags))
+            layers.append(_layer_facts(name, module, **flags))
+    check_rules_match(policy, layers)
+    decisions = {f.name: decide(policy, f) for f in layers}
     producer = {id(out): (name, m, inp) for name, m, inp, out in calls if isinstance(out, torch.Tensor)}
     replaced = []
     binary_names = {n for n, d in decisions.items() if d.binary}

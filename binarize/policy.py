@@ -26,8 +26,9 @@ import typing
 from typing import Literal
 
 from binarize.config import Config, check, nearest
+from binarize.errors import ConfigError
 
-__all__ = ["Policy", "LayerFacts", "Decision", "decide"]
+__all__ = ["Policy", "LayerFacts", "Decision", "decide", "check_rules_match"]
 
 _GLOB_CHARS = set("*?[")
 
@@ -174,7 +175,8 @@ class Decision:
 def decide(policy: Policy, facts: LayerFacts) -> Decision:
     """Applies the policy's precedence (module docstring) to one layer."""
     if facts.op != "conv":
-        return Decision(False, "last layer" if facts.is_last else "linear layers stay float (not supported yet)")
+        last = facts.is_last and policy.keep_last
+        return Decision(False, "last layer" if last else "linear layers stay float (not supported yet)")
     if facts.unsupported:
         return Decision(False, f"unsupported: {facts.unsupported}")
     for field, binary in (("keep", False), ("binarize", True)):
@@ -200,3 +202,16 @@ def decide(policy: Policy, facts: LayerFacts) -> Decision:
     if facts.in_channels < policy.min_in_channels:
         return Decision(False, f"fewer than {policy.min_in_channels} input channels")
     return Decision(True, "binarized")
+
+
+def check_rules_match(policy: Policy, layers: list[LayerFacts]) -> None:
+    """Raises :class:`ConfigError` for a ``keep`` / ``binarize`` rule that matches none of ``layers``:
+    a misspelt rule would otherwise change nothing, silently."""
+    for field in ("keep", "binarize"):
+        for rule in getattr(policy, field):
+            if not any(_matches(rule, f.name, f.type_names) for f in layers):
+                example = next((f.name for f in layers if f.op == "conv"), "conv1")
+                raise ConfigError(
+                    f"{field}: rule {rule!r} matches no conv or linear layer (names look like '{example}'); "
+                    "check its spelling (binarize convert --dry-run lists the layers)"
+                )

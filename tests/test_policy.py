@@ -315,7 +315,7 @@ def test_switching_the_defaults_off():
         keep_se=False, min_in_channels=0,
     )  # fmt: skip
     reasons = _reasons(policy)
-    assert reasons.pop("fc") == "last layer"  # a linear head cannot be binarized: the reason stays
+    assert reasons.pop("fc") == "linear layers stay float (not supported yet)"  # not kept as "last layer"
     assert set(reasons.values()) == {"binarized"}
 
 
@@ -333,3 +333,11 @@ def test_user_rule_reason_on_a_torchvision_resnet():
     assert (
         reasons["layer3.0.conv1"] == "binarized" and reasons["conv1"] == "first conv" and reasons["fc"] == "last layer"
     )
+
+
+def test_a_rule_that_matches_no_layer_is_an_error():
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3))
+    with pytest.raises(ConfigError, match=r"keep: rule 'layer4\.\*' matches no conv or linear layer"):
+        binarize.convert(model, Policy(keep=("layer4.*",)), (torch.zeros(1, 3, 16, 16),))
+    with pytest.raises(ConfigError, match="binarize: rule 'type:Linear' matches no"):
+        binarize.convert(model, Policy(binarize=("type:Linear",)), (torch.zeros(1, 3, 16, 16),))
