@@ -10,10 +10,9 @@ fold into a following BatchNorm.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from binarize.nn.functional import binary_sign, recu_weight, sign_conv2d
+from binarize.nn.functional import _stats_dtype, binary_sign, recu_weight, sign_conv2d
 
 __all__ = ["ReCUConv2d", "DEFAULT_TAU"]
 
@@ -25,8 +24,9 @@ class ReCUConv2d(nn.Conv2d):
     """Conv2d with 1-bit weights and 1-bit activations, trained with ReCU.
 
     Forward: ``alpha_o * conv2d(sign(x), sign(W - mean_o)) + bias``; see
-    :mod:`binarize.nn.functional` for the gradients. The padding is zero padding of the binary
-    input (border taps contribute 0); other ``padding_mode`` values pad the input before the sign.
+    :mod:`binarize.nn.functional` for the gradients. The padding pads the binary input: zero padding
+    (border taps contribute 0) or the ``padding_mode`` given; the per-sample statistics of the
+    activation gradient are those of the unpadded input.
 
     Args:
         *args: As for ``nn.Conv2d``.
@@ -78,14 +78,15 @@ class ReCUConv2d(nn.Conv2d):
             groups=conv.groups,
             bias=conv.bias is not None,
             padding_mode=conv.padding_mode,
-            device=conv.weight.device,
+            device="meta",  # no random initialisation of weights that are overwritten at once
             dtype=conv.weight.dtype,
             binarize_weights=binarize_weights,
-        )
+        ).to_empty(device=conv.weight.device)
         with torch.no_grad():
             layer.weight.copy_(conv.weight if weight is None else weight)
             if conv.bias is not None:
                 layer.bias.copy_(conv.bias)
+            layer.tau.fill_(DEFAULT_TAU)
         layer.reset_alpha()
         return layer
 
@@ -106,7 +107,7 @@ class ReCUConv2d(nn.Conv2d):
         This is the L1-optimal scale of ``sign(W - mean_o)`` (XNOR-Net style), so a converted layer
         starts with the magnitude of the pretrained one; ReCU's code initialises it at random.
         """
-        w = self.weight.detach().float()
+        w = _stats_dtype(self.weight.detach())
         dims = tuple(range(1, w.dim()))
         self.alpha.copy_((w - w.mean(dim=dims, keepdim=True)).abs().mean(dim=dims))
 
@@ -119,24 +120,30 @@ class ReCUConv2d(nn.Conv2d):
     @torch.no_grad()
     def sign_bits(self) -> Tensor:
         """Deployable 1-bit weights: True where ``W - mean_o >= 0`` (+1), False for -1."""
-        w = self.weight.float()
+        w = _stats_dtype(self.weight)
         dims = tuple(range(1, w.dim()))
         return binary_sign(w - w.mean(dim=dims, keepdim=True)) > 0
 
     def forward(self, x: Tensor) -> Tensor:
-        padding = self.padding
-        if self.padding_mode != "zeros":
-            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            padding = (0, 0)
         return sign_conv2d(
-            x, self.binary_weight(), self.bias, self.stride, padding, self.dilation, self.groups, self.training
+            x,
+            self.binary_weight(),
+            self.bias,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+            self.training,
+            self.padding_mode,
         )
 
     def _apply(self, fn, recurse=True):
-        # ``tau`` stays float32 whatever dtype the module is cast to: a bf16 tau would move Q.
+        # ``tau`` stays float32 whatever dtype the module is cast to: a bf16 tau would move Q. The value
+        # is taken from before the cast, so a detour through half precision does not round it.
+        tau = self.tau
         super()._apply(fn, recurse)
         if self.tau.dtype != torch.float32:
-            self.tau = self.tau.float()
+            self.tau = tau.to(device=self.tau.device, dtype=torch.float32)
         return self
 
     def extra_repr(self) -> str:

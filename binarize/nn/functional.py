@@ -16,9 +16,15 @@ each output channel) and input activations ``A``:
 
 Two autograd Functions keep the work and the memory small: :func:`recu_weight` returns the binary
 weight already multiplied by the per-channel scale ``alpha`` (so the scale costs a weight-sized
-multiply, not an activation-sized one) and saves only per-channel statistics; :func:`sign_conv2d`
-binarizes the input inside the convolution and saves the real-valued input instead of a float
-copy of its sign, which it recomputes in the backward pass. Neither reads a value back to the host.
+multiply, not an activation-sized one) and saves per-channel statistics and its output (which the
+convolution saves anyway); :func:`sign_conv2d` binarizes the input inside the convolution and saves
+the real-valued input instead of a float copy of its sign, which it recomputes in the backward pass.
+Neither reads a value back to the host.
+
+In eager mode every op is a pass over memory, so both use as few passes and as few freshly allocated
+buffers as they can (in-place ops on their own buffers; large fresh allocations page-fault on CPU), and
+avoid the ops that are slow on CPU (``torch.where`` and boolean masks, ``var_mean``'s Welford update).
+Under ``torch.compile`` each Function becomes a couple of fused kernels whatever the op choice.
 """
 
 from __future__ import annotations
@@ -44,7 +50,10 @@ def _stats_dtype(t: Tensor) -> Tensor:
 
 
 def binary_sign(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-    """Sign with ``sign(0) = +1``: every element becomes exactly +1 or -1.
+    """Sign with ``sign(0) = sign(-0.0) = +1``: every element becomes exactly +1 or -1 (NaN stays NaN).
+
+    Computed as ``sign(sign(x) + 1/2)``, three vectorised passes, without a boolean mask: ``torch.where``
+    runs an order of magnitude slower on CPU, and ``copysign(1, x)`` would map -0.0 to -1.
 
     Args:
         x: Any real tensor.
@@ -55,16 +64,33 @@ def binary_sign(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
         >>> binary_sign(torch.tensor([2.1, -0.3, 0.0, -0.0]))
         tensor([ 1., -1.,  1.,  1.])
     """
-    one = torch.ones((), dtype=dtype or x.dtype, device=x.device)
-    return torch.where(x >= 0, one, -one)
+    if not x.is_floating_point():
+        one = torch.ones((), dtype=dtype or x.dtype, device=x.device)
+        return torch.where(x >= 0, one, -one)
+    s = torch.sign(x).add_(0.5).sign_()
+    return s if dtype is None or dtype == s.dtype else s.to(dtype)
 
 
-def _channel_stats(w: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-output-channel mean and ``c / sqrt(var + eps)`` (unbiased variance), shaped ``(O, 1, ..., 1)``."""
+def _per_channel(t: Tensor, like: Tensor) -> Tensor:
+    """``t`` shaped ``(O, 1, ..., 1)`` to broadcast over ``like`` (output channels first)."""
+    return t.reshape((-1,) + (1,) * (like.dim() - 1))
+
+
+def _centred_stats(w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-channel mean, the centred weights and ``c / sqrt(var + eps)`` (unbiased variance).
+
+    The variance is taken in two passes, ``|W - mean|^2 / (n - 1)``: as accurate as Welford's update that
+    ``torch.var_mean`` runs, and several times faster on CPU. The mean is ``torch.mean``'s, so the signs
+    are exactly those of ``W - W.mean()``; a zero mean is stored as -0.0, which makes every zero of
+    ``W - mean`` a +0.0 (``-0.0 - (+0.0)`` would give -0.0), so ``copysign`` gives ``sign(0) = +1``.
+    """
     dims = tuple(range(1, w.dim()))
     n = w[0].numel()
-    var, mean = torch.var_mean(w, dim=dims, keepdim=True, correction=1 if n > 1 else 0)
-    return mean, WEIGHT_SCALE * torch.rsqrt(var + EPS)
+    mean = w.mean(dim=dims, keepdim=True)
+    mean = torch.where(mean == 0, -0.0, mean)
+    centred = w - mean
+    var = torch.linalg.vector_norm(centred, 2, dim=dims, keepdim=True).square_().div_(max(n - 1, 1))
+    return mean, centred, WEIGHT_SCALE * torch.rsqrt(var + EPS)
 
 
 def recu_threshold(centred: Tensor, scale: Tensor, tau: Tensor) -> Tensor:
@@ -79,45 +105,69 @@ def recu_threshold(centred: Tensor, scale: Tensor, tau: Tensor) -> Tensor:
         tau: 0-dim tensor, the quantile in ``[0.5, 1]``.
     """
     dims = tuple(range(1, centred.dim()))
-    laplace_b = (centred.abs().mean(dim=dims, keepdim=True) * scale).mean()
+    return _threshold(centred.abs().sum(dim=dims, keepdim=True), scale, tau, centred.numel())
+
+
+def _threshold(abs_sum: Tensor, scale: Tensor, tau: Tensor, numel: int) -> Tensor:
+    """``Q`` from the per-channel sums of ``|centred|``."""
+    laplace_b = (abs_sum * scale).sum() / numel
     return -laplace_b * torch.log(2.0 - 2.0 * tau.to(laplace_b.dtype))
 
 
 class _ReCUWeight(torch.autograd.Function):
-    """Binary weight ``alpha_o * sign(W - mean_o)`` with ReCU's masked straight-through gradient."""
+    """Binary weight ``alpha_o * sign(W - mean_o)`` with ReCU's masked straight-through gradient.
+
+    Every weight-sized step is a vectorised elementwise op or a row reduction, in place where the
+    buffer is ours: the weight path dominates the step time of small-input models.
+    """
 
     @staticmethod
     def forward(ctx, weight: Tensor, alpha: Tensor, tau: Tensor) -> Tensor:
         w = _stats_dtype(weight)
-        mean, scale = _channel_stats(w)
-        centred = w - mean
-        threshold = recu_threshold(centred, scale, tau)
-        a = alpha.reshape((-1,) + (1,) * (w.dim() - 1)).to(weight.dtype)
-        ctx.save_for_backward(weight, alpha, mean, scale, threshold)
-        return torch.where(centred >= 0, a, -a)
+        dims = tuple(range(1, w.dim()))
+        mean, centred, scale = _centred_stats(w)
+        threshold = _threshold(centred.abs().sum(dim=dims, keepdim=True), scale, tau, w.numel())
+        # alpha * sign(centred), in the buffer of ``centred`` (which holds no -0.0, see _centred_stats)
+        one = torch.ones((), dtype=w.dtype, device=w.device)
+        out = torch.copysign(one, centred, out=centred).mul_(_per_channel(alpha, w).to(w.dtype))
+        out = out.to(weight.dtype)
+        # The output is saved too: the conv saves it anyway, and its sign bits give sign(centred)
+        # (that of alpha * s is sign(alpha) xor sign(s), also for alpha = +-0).
+        ctx.save_for_backward(weight, alpha, mean, scale, threshold, out)
+        return out
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
-        weight, alpha, mean, scale, threshold = ctx.saved_tensors
+        weight, alpha, mean, scale, threshold, out = ctx.saved_tensors
         w = _stats_dtype(weight)
         g = grad.to(w.dtype)
         dims = tuple(range(1, w.dim()))
         n = w[0].numel()
-        y = torch.addcmul(-mean * scale, w, scale)  # W1, the standardised weights
+        one = torch.ones((), dtype=w.dtype, device=w.device)
+        a = _per_channel(alpha, w).to(w.dtype)
+        centred = w - mean
+        # Two weight-sized buffers and no other allocation: large fresh allocations page-fault on CPU.
+        buf = torch.copysign(one, out).to(w.dtype)  # sign(alpha) * sign(centred), one pass over ``out``
         grad_alpha = None
         if ctx.needs_input_grad[1]:
-            grad_alpha = torch.where(y >= 0, g, -g).sum(dim=dims).to(alpha.dtype)
+            grad_alpha = buf.mul_(g).sum(dim=dims, keepdim=True) * torch.copysign(one, a)
+            grad_alpha = grad_alpha.flatten().to(alpha.dtype)
         grad_weight = None
         if ctx.needs_input_grad[0]:
-            a = alpha.reshape((-1,) + (1,) * (w.dim() - 1)).to(w.dtype)
-            g_y = (g * a).masked_fill_(y.abs() > threshold, 0.0)  # the ReCU clamp passes |W1| <= Q
-            # Exact gradient of W1 = c (w - mean) / sqrt(var + eps) with the unbiased variance:
+            # The ReCU clamp passes the gradient where |W1| = |centred| * scale <= Q, i.e. |u| <= 1 for
+            # u = centred * scale / Q (u = 0 when Q = inf). hardtanh_backward keeps -b < u < b, and no
+            # float lies between 1 and b = 1 + eps, so the interval is exactly the closed [-1, 1].
+            bound = 1.0 + torch.finfo(w.dtype).eps
+            u = torch.mul(centred, scale / threshold, out=buf)
+            masked = torch.ops.aten.hardtanh_backward.grad_input(g, u, -bound, bound, grad_input=buf)
+            # Exact gradient of W1 = c (w - mean) / sigma (unbiased variance), with g_y = alpha * masked:
             # dL/dw = (c / sigma) [g_y - mean(g_y) - W1 * sum(g_y W1) / ((n - 1) c^2)]
-            sum_g = g_y.sum(dim=dims, keepdim=True)
-            sum_gy = (g_y * y).sum(dim=dims, keepdim=True)
-            grad_weight = torch.addcmul(-scale * sum_g / n, g_y, scale)
-            grad_weight.addcmul_(y, -scale * sum_gy / (max(n - 1, 1) * WEIGHT_SCALE**2))
-            grad_weight = grad_weight.to(weight.dtype)
+            #       = k1 * masked + k0 + k2 * centred = k1 * masked + k2 * w + (k0 - k2 * mean) per channel.
+            k1 = scale * a
+            k0 = k1 * masked.sum(dim=dims, keepdim=True) / -n
+            k2 = centred.mul_(masked).sum(dim=dims, keepdim=True)
+            k2 = k2 * k1 * scale.square() / (-max(n - 1, 1) * WEIGHT_SCALE**2)
+            grad_weight = masked.mul_(k1).add_(k0 - k2 * mean).addcmul_(w, k2).to(weight.dtype)
         return grad_weight, grad_alpha, None
 
 
@@ -136,26 +186,61 @@ def recu_weight(weight: Tensor, alpha: Tensor, tau: Tensor) -> Tensor:
     Returns:
         A tensor shaped like ``weight`` whose entries are ``+alpha_o`` or ``-alpha_o``.
     """
+    if torch.compiler.is_compiling():
+        return _recu_weight_composed(weight, alpha, tau)
     return _ReCUWeight.apply(weight, alpha, tau)
+
+
+def _recu_weight_composed(weight: Tensor, alpha: Tensor, tau: Tensor) -> Tensor:
+    """:func:`recu_weight` as plain differentiable ops, for ``torch.compile``.
+
+    The same forward and the same gradients as :class:`_ReCUWeight` (up to rounding), derived by
+    autograd. Inductor fuses this form better than the hand-written backward: the clamp puts ``Q`` in
+    the forward graph, so the backward needs one pass less over the weights.
+    """
+    w = _stats_dtype(weight)
+    dims = tuple(range(1, w.dim()))
+    n = w[0].numel()
+    mean = w.mean(dim=dims, keepdim=True)
+    centred = w - mean
+    var = centred.square().sum(dim=dims, keepdim=True) / max(n - 1, 1)
+    w1 = centred * (WEIGHT_SCALE * torch.rsqrt(var + EPS))
+    threshold = (-w1.detach().abs().mean() * torch.log(2.0 - 2.0 * tau.to(w.dtype))).detach()
+    clamped = torch.clamp(w1, -threshold, threshold)  # its gradient is the ReCU mask |W1| <= Q
+    one = torch.ones((), dtype=w.dtype, device=w.device)
+    signs = torch.where(w >= mean, one, -one) + (clamped - clamped.detach())  # sign(W1), gradient of clamped
+    return (signs * _per_channel(alpha, w).to(w.dtype)).to(weight.dtype)
 
 
 class _SignConv2d(torch.autograd.Function):
     """``conv2d(sign(x), weight, bias)`` with the ApproxSign window as the input gradient."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, standardize):
-        out = F.conv2d(binary_sign(x), weight, bias, stride, padding, dilation, groups)
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, standardize, padding_mode="zeros"):
         tensors = [x, weight]
+        signs = None
         if standardize:
-            correction = 1 if x[0].numel() > 1 else 0
-            var, mean = torch.var_mean(_stats_dtype(x), dim=(1, 2, 3), keepdim=True, correction=correction)
-            tensors += [mean, torch.rsqrt(var + EPS)]
+            xs = _stats_dtype(x)
+            dims = (1, 2, 3)
+            mean = xs.mean(dim=dims, keepdim=True)
+            centred = xs - mean
+            var = torch.linalg.vector_norm(centred, 2, dim=dims, keepdim=True).square_()
+            tensors += [mean, torch.rsqrt(var.div_(max(x[0].numel() - 1, 1)).add_(EPS))]
+            if xs is x:  # the buffer of ``centred`` is free again: binarize into it
+                signs = torch.sign(x, out=centred).add_(0.5).sign_()
+        if signs is None:
+            signs = binary_sign(x)
+        pad = None
+        if padding_mode != "zeros":
+            pad = (padding[1], padding[1], padding[0], padding[0])
+            signs, padding = F.pad(signs, pad, mode=padding_mode), (0, 0)
+        out = F.conv2d(signs, weight, bias, stride, padding, dilation, groups)
         ctx.save_for_backward(*tensors)
         ctx.conv = (stride, padding, dilation, groups)
+        ctx.pad = None if pad is None else (pad, padding_mode)
         ctx.bias_shape = None if bias is None else list(bias.shape)
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.compute_dtype = out.dtype
-        ctx.standardize = standardize
         return out
 
     @staticmethod
@@ -164,9 +249,11 @@ class _SignConv2d(torch.autograd.Function):
         stride, padding, dilation, groups = ctx.conv
         cd = ctx.compute_dtype
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        signs = binary_sign(x, cd)
+        padded = signs if ctx.pad is None else F.pad(signs, ctx.pad[0], mode=ctx.pad[1])
         grad_sign, grad_w, grad_b = torch.ops.aten.convolution_backward(
             grad_out.to(cd),
-            binary_sign(x, cd),
+            padded,
             weight.to(cd),
             ctx.bias_shape,
             stride,
@@ -179,28 +266,55 @@ class _SignConv2d(torch.autograd.Function):
         )
         grad_x = None
         if need_x:
-            grad_x = _approx_sign_backward(grad_sign, _stats_dtype(x), *stats).to(x.dtype)
+            if ctx.pad is not None:
+                grad_sign = _fold_padding(grad_sign, *ctx.pad, x.shape[2:])
+            xs = _stats_dtype(x)
+            # grad_sign is ours (a fresh output of convolution_backward): the window is applied in place
+            buf = signs if signs.dtype == xs.dtype else None
+            grad_x = _approx_sign_backward_(grad_sign.to(xs.dtype), xs, *stats, buf=buf)
+            grad_x = grad_x.to(x.dtype)
         if grad_w is not None:
             grad_w = grad_w.to(weight.dtype)
         if grad_b is not None:
             grad_b = grad_b.to(ctx.bias_dtype)
-        return grad_x, grad_w, grad_b, None, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None
 
 
-def _approx_sign_backward(grad: Tensor, x: Tensor, mean: Tensor | None = None, rstd: Tensor | None = None) -> Tensor:
-    """Gradient of ``sign(A0)`` with the window ``max(0, 2 - 2|A0|)``.
+def _fold_padding(grad: Tensor, pad: tuple[int, int, int, int], mode: str, size: tuple[int, int]) -> Tensor:
+    """Backward of ``F.pad(t, pad, mode)`` for the reflect, replicate and circular modes.
+
+    Each of them pads the two spatial axes independently, so the gradient of every padded copy is
+    added back onto its source, one axis at a time; the source of each position along an axis is
+    found by padding ``arange(length)`` the same way.
+    """
+    for dim, before, after, length in ((3, pad[0], pad[1], size[1]), (2, pad[2], pad[3], size[0])):
+        if before == 0 and after == 0:
+            continue
+        positions = torch.arange(length, dtype=torch.float32, device=grad.device).view(1, 1, -1)
+        source = F.pad(positions, (before, after), mode=mode).view(-1).long()
+        shape = list(grad.shape)
+        shape[dim] = length
+        grad = grad.new_zeros(shape).index_add_(dim, source, grad)
+    return grad
+
+
+def _approx_sign_backward_(
+    grad: Tensor, x: Tensor, mean: Tensor | None = None, rstd: Tensor | None = None, buf: Tensor | None = None
+) -> Tensor:
+    """Gradient of ``sign(A0)`` with the window ``max(0, 2 - 2|A0|)``, computed in the buffer of ``grad``.
 
     Without statistics ``A0 = x``. With them (training) ``A0 = x * r``, ``r = (var + eps)^-1/2`` per
     sample, and the variance path adds ``-r^3 (x - mean) sum(h x) / (n - 1)`` where ``h`` is the
-    windowed gradient with respect to ``A0``.
+    windowed gradient with respect to ``A0``. ``grad`` is overwritten; ``buf``, a scratch tensor
+    shaped and typed like ``x``, saves the one allocation otherwise needed.
     """
-    g = grad.to(x.dtype)
+    window = x.abs() if buf is None else torch.abs(x, out=buf)
     if rstd is None:
-        return (1.0 - x.abs()).clamp_(min=0.0).mul_(g).mul_(2.0)
-    h = torch.addcmul(torch.ones_like(rstd), x.abs(), -rstd).clamp_(min=0.0).mul_(g).mul_(2.0)
-    n = x[0].numel()
-    coef = rstd.pow(3) * (h * x).sum(dim=(1, 2, 3), keepdim=True) / max(n - 1, 1)
-    return torch.addcmul(coef * mean, h, rstd).addcmul_(x, -coef)
+        return grad.mul_(window.neg_().add_(1.0).clamp_(min=0.0)).mul_(2.0)
+    h = grad.mul_(window.mul_(-2.0 * rstd).add_(2.0).clamp_(min=0.0))
+    dot = torch.mul(h, x, out=window).sum(dim=(1, 2, 3), keepdim=True)
+    coef = rstd.pow(3) * dot / max(x[0].numel() - 1, 1)
+    return h.mul_(rstd).add_(coef * mean).addcmul_(x, -coef)
 
 
 def sign_conv2d(
@@ -212,22 +326,26 @@ def sign_conv2d(
     dilation: tuple[int, int] = (1, 1),
     groups: int = 1,
     standardize: bool = True,
+    padding_mode: str = "zeros",
 ) -> Tensor:
     """2-D convolution of the binarized input: ``conv2d(sign(x), weight, bias)``.
 
-    Zero padding is applied after the sign, so border taps contribute 0, as in the paper's code.
+    The padding is applied to the binary input: zero padding (border taps contribute 0, as in the
+    paper's code) or, with another ``padding_mode``, ``F.pad(sign(x), mode=padding_mode)``.
     The backward pass gives ``x`` the ApproxSign gradient window of Bi-Real Net (Liu et al., 2018)
     as ReCU uses it; with ``standardize`` the window is measured in units of each sample's
-    standard deviation and the gradient also flows through that deviation (training mode).
+    standard deviation (of ``x``, before any padding) and the gradient also flows through that
+    deviation (training mode).
 
     Args:
         x: Input, shape ``(N, C, H, W)``.
         weight: Convolution weight, already binary or float (activation-only binarization).
         bias: Optional bias, added after the weight's scale.
         stride: As in ``F.conv2d``.
-        padding: Zero padding, a pair of ints.
+        padding: Padding of each spatial side, a pair of ints.
         dilation: As in ``F.conv2d``.
         groups: As in ``F.conv2d``.
         standardize: Measure the gradient window per sample standard deviation (training).
+        padding_mode: ``"zeros"``, ``"reflect"``, ``"replicate"`` or ``"circular"``, as in ``nn.Conv2d``.
     """
-    return _SignConv2d.apply(x, weight, bias, stride, padding, dilation, groups, standardize)
+    return _SignConv2d.apply(x, weight, bias, stride, padding, dilation, groups, standardize, padding_mode)
