@@ -89,7 +89,16 @@ def _binarize_layers(root: nn.Module, decisions: dict[str, Decision], policy: Po
         conv = root.get_submodule(name)
         if decision.binary and not isinstance(conv, ReCUConv2d):
             weight, _ = effective_weight(conv)
-            _swap(root, name, ReCUConv2d.from_float(conv, weight, binarize_weights=policy.binarize_weights))
+            _swap(
+                root,
+                name,
+                ReCUConv2d.from_float(
+                    conv,
+                    weight,
+                    binarize_weights=policy.binarize_weights,
+                    learn_activation_bias=policy.activation_bias,
+                ),
+            )
 
 
 def _not_in_graph(gm: fx.GraphModule, name: str, called: set[str]) -> str:

@@ -55,6 +55,8 @@ class Policy(Config):
         shortcut_downsample: For a Bi-Real shortcut whose shapes differ: ``avgpool_conv`` (average
             pooling and a float 1x1 conv) or ``zero_pad`` (average pooling and zero channels).
         binarize_weights: False binarizes activations only (stage 1 of two-stage training).
+        activation_bias: Give each binary conv a learnable per-input-channel bias added before the
+            sign of its input (a learnable threshold, ReActNet's RSign); off in the paper's settings.
         version: Schema version of this configuration.
 
     Example::
@@ -76,6 +78,7 @@ class Policy(Config):
     shortcuts: Literal["none", "bireal"] = "none"
     shortcut_downsample: Literal["avgpool_conv", "zero_pad"] = "avgpool_conv"
     binarize_weights: bool = True
+    activation_bias: bool = False
     version: int = 1
 
     def validate(self) -> None:

@@ -40,6 +40,7 @@ def policy_from_options(
     shortcuts: str,
     shortcut_downsample: str,
     activations_only: bool,
+    activation_bias: bool = False,
 ) -> binarize.Policy:
     return binarize.Policy.from_dict(
         {
@@ -56,6 +57,7 @@ def policy_from_options(
             "shortcuts": shortcuts,
             "shortcut_downsample": shortcut_downsample,
             "binarize_weights": not activations_only,
+            "activation_bias": activation_bias,
         },
         "policy",
     )
@@ -96,6 +98,9 @@ def convert_command(
     shortcuts: Annotated[str, typer.Option(help="none or bireal (a real shortcut around each binary conv).")] = "none",
     shortcut_downsample: Annotated[str, typer.Option(help="avgpool_conv or zero_pad.")] = "avgpool_conv",
     activations_only: Annotated[bool, typer.Option(help="Binarize activations only (float weights).")] = False,
+    activation_bias: Annotated[
+        bool, typer.Option(help="A learnable threshold per input channel before each sign (ReActNet's RSign).")
+    ] = False,
     dry_run: Annotated[bool, typer.Option(help="Print the report; write nothing.")] = False,
     output_format: FormatOption = OutputFormat.table,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Output file.")] = None,
@@ -105,6 +110,7 @@ def convert_command(
     policy = policy_from_options(
         keep_first, keep_last, keep_depthwise, keep_grouped, keep_shortcut_1x1, keep_se, min_in_channels,
         keep, binarize_rule, activation, shortcuts, shortcut_downsample, activations_only,
+        activation_bias,
     )  # fmt: skip
     size = parse_input_size(input_size)
     destination = output or _default_output(model)

@@ -85,11 +85,13 @@ def test_round_trip_zoo_model_with_the_real_checkpoint(tmp_path):
     file_weights = torch.load(RESNET20, map_location="cpu", weights_only=True)["state_dict"]
     assert torch.equal(float_model.conv1.weight, file_weights["module.conv1.weight"])
     x = torch.randn(4, 3, 32, 32)
-    policy = binarize.Policy(shortcuts="bireal", shortcut_downsample="zero_pad")
+    policy = binarize.Policy(shortcuts="bireal", shortcut_downsample="zero_pad", activation_bias=True)
     binary = binarize.convert(float_model, policy, (x[:1],))
     binarize.recalibrate_bn(binary, [torch.randn(16, 3, 32, 32) for _ in range(2)])
     loaded = _round_trip(binary, tmp_path / "resnet20.safetensors", x)
     assert len(binarize.binarize_meta(loaded)["shortcuts"]) == 18
+    biases = [k for k in loaded.state_dict() if k.endswith(".activation_bias")]
+    assert len(biases) == 18 and all(loaded.state_dict()[k].any() for k in biases)
 
 
 def test_round_trip_bireal_avgpool_conv(tmp_path):

@@ -725,3 +725,44 @@ def test_from_float_matches_reference() -> None:
     layer = ReCUConv2d.from_float(conv)
     x = torch.randn(2, 4, 7, 9, dtype=torch.float64)
     run_and_compare(layer, x, seed=29)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 11. learnable activation bias (a learnable threshold before the sign)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_activation_bias_is_a_shift_of_the_input(training: bool) -> None:
+    conv = nn.Conv2d(4, 6, 3, padding=1, bias=True).double()
+    with_bias = ReCUConv2d.from_float(conv, learn_activation_bias=True).train(training)
+    plain = ReCUConv2d.from_float(conv).train(training)
+    assert with_bias.activation_bias.shape == (4,) and not with_bias.activation_bias.any()
+    assert plain.activation_bias is None and "learn_activation_bias" in repr(with_bias)
+    beta = torch.tensor([0.3, -0.2, 0.0, 1.1], dtype=torch.float64)
+    with torch.no_grad():
+        with_bias.activation_bias.copy_(beta)
+    x = torch.randn(3, 4, 6, 5, dtype=torch.float64, requires_grad=True)
+    shifted = (x.detach() + beta.view(1, -1, 1, 1)).requires_grad_()
+    grad_out = torch.randn(3, 6, 6, 5, dtype=torch.float64)
+    out = with_bias(x)
+    out.backward(grad_out)
+    expected = plain(shifted)
+    expected.backward(grad_out)
+    assert torch.equal(out, expected)
+    assert torch.allclose(x.grad, shifted.grad, rtol=1e-12, atol=0)
+    assert torch.allclose(with_bias.activation_bias.grad, shifted.grad.sum(dim=(0, 2, 3)), rtol=1e-12, atol=1e-15)
+    assert torch.allclose(with_bias.weight.grad, plain.weight.grad, rtol=1e-12, atol=0)
+    # the threshold moves: an input of exactly -beta is now a zero, which binarizes to +1
+    assert not torch.equal(
+        with_bias(torch.zeros(1, 4, 6, 5, dtype=torch.float64)), plain(torch.zeros(1, 4, 6, 5).double())
+    )
+
+
+def test_activation_bias_survives_state_dict_and_casts() -> None:
+    layer = ReCUConv2d.from_float(nn.Conv2d(3, 4, 3), learn_activation_bias=True)
+    with torch.no_grad():
+        layer.activation_bias.fill_(0.25)
+    copy_ = ReCUConv2d.from_float(nn.Conv2d(3, 4, 3), learn_activation_bias=True)
+    copy_.load_state_dict(layer.state_dict())
+    assert torch.equal(copy_.activation_bias, layer.activation_bias)
+    assert layer.bfloat16().activation_bias.dtype == torch.bfloat16

@@ -216,6 +216,7 @@ def test_to_dict_from_dict_round_trip():
         shortcuts="bireal",
         shortcut_downsample="zero_pad",
         binarize_weights=False,
+        activation_bias=True,
     )
     data = policy.to_dict()
     assert data["keep"] == ["layer4.*", "re:.*downsample\\.0$"] and isinstance(data["binarize"], list)

@@ -23,7 +23,7 @@ DEFAULT_TAU = 0.85
 class ReCUConv2d(nn.Conv2d):
     """Conv2d with 1-bit weights and 1-bit activations, trained with ReCU.
 
-    Forward: ``alpha_o * conv2d(sign(x), sign(W - mean_o)) + bias``; see
+    Forward: ``alpha_o * conv2d(sign(x + beta), sign(W - mean_o)) + bias``; see
     :mod:`binarize.nn.functional` for the gradients. The padding pads the binary input: zero padding
     (border taps contribute 0) or the ``padding_mode`` given; the per-sample statistics of the
     activation gradient are those of the unpadded input.
@@ -32,11 +32,15 @@ class ReCUConv2d(nn.Conv2d):
         *args: As for ``nn.Conv2d``.
         binarize_weights: If False the float weights are used as they are (no ``alpha``) and only
             the activations are binarized: the first stage of two-stage training (ReActNet).
+        learn_activation_bias: Add a learnable per-input-channel bias ``beta`` (initially 0) to the
+            input before its sign, i.e. a learnable threshold (ReActNet's RSign, Liu et al., ECCV 2020).
+            Without it ``beta`` is absent and the threshold is 0, as in the paper.
         **kwargs: As for ``nn.Conv2d``.
 
     Attributes:
         alpha: Learnable per-output-channel scale, initialised by :meth:`reset_alpha`.
         tau: 0-dim float32 buffer, the ReCU quantile; update it in place (``layer.tau.fill_(v)``).
+        activation_bias: The learnable ``beta`` of shape ``(in_channels,)``, or None.
 
     Example::
 
@@ -46,17 +50,29 @@ class ReCUConv2d(nn.Conv2d):
         torch.Size([2, 32, 8, 8])
     """
 
-    def __init__(self, *args, binarize_weights: bool = True, **kwargs) -> None:
+    def __init__(self, *args, binarize_weights: bool = True, learn_activation_bias: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         if isinstance(self.padding, str):
             self.padding = _numeric_padding(self.padding, self.kernel_size, self.dilation)
         self.binarize_weights = binarize_weights
         self.alpha = nn.Parameter(torch.empty(self.out_channels, device=self.weight.device, dtype=self.weight.dtype))
         self.register_buffer("tau", torch.tensor(DEFAULT_TAU, dtype=torch.float32, device=self.weight.device))
+        if learn_activation_bias:
+            like = {"device": self.weight.device, "dtype": self.weight.dtype}
+            self.activation_bias = nn.Parameter(torch.zeros(self.in_channels, **like))
+        else:
+            self.register_parameter("activation_bias", None)
         self.reset_alpha()
 
     @classmethod
-    def from_float(cls, conv: nn.Conv2d, weight: Tensor | None = None, *, binarize_weights: bool = True) -> ReCUConv2d:
+    def from_float(
+        cls,
+        conv: nn.Conv2d,
+        weight: Tensor | None = None,
+        *,
+        binarize_weights: bool = True,
+        learn_activation_bias: bool = False,
+    ) -> ReCUConv2d:
         """Builds the binary layer from a float convolution, copying its weights unchanged.
 
         Args:
@@ -64,6 +80,7 @@ class ReCUConv2d(nn.Conv2d):
             weight: The effective float weight, when ``conv`` computes one in its forward
                 (weight-standardised convolutions); ``conv.weight`` otherwise.
             binarize_weights: See the class docstring.
+            learn_activation_bias: See the class docstring.
         """
         reason = cls.unsupported_reason(conv)
         if reason is not None:
@@ -81,12 +98,15 @@ class ReCUConv2d(nn.Conv2d):
             device="meta",  # no random initialisation of weights that are overwritten at once
             dtype=conv.weight.dtype,
             binarize_weights=binarize_weights,
+            learn_activation_bias=learn_activation_bias,
         ).to_empty(device=conv.weight.device)
         with torch.no_grad():
             layer.weight.copy_(conv.weight if weight is None else weight)
             if conv.bias is not None:
                 layer.bias.copy_(conv.bias)
             layer.tau.fill_(DEFAULT_TAU)
+            if layer.activation_bias is not None:
+                layer.activation_bias.zero_()
         layer.reset_alpha()
         return layer
 
@@ -125,6 +145,8 @@ class ReCUConv2d(nn.Conv2d):
         return binary_sign(w - w.mean(dim=dims, keepdim=True)) > 0
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.activation_bias is not None:
+            x = x + self.activation_bias.to(x.dtype).view(1, -1, 1, 1)
         return sign_conv2d(
             x,
             self.binary_weight(),
@@ -148,6 +170,8 @@ class ReCUConv2d(nn.Conv2d):
 
     def extra_repr(self) -> str:
         extra = "" if self.binarize_weights else ", binarize_weights=False"
+        if self.activation_bias is not None:
+            extra += ", learn_activation_bias=True"
         return super().extra_repr() + extra
 
 
