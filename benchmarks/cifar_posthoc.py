@@ -9,7 +9,8 @@ batch 64) for each variant:
 * ``hardtanh``: activations feeding binary convs become Hardtanh, no extra shortcuts;
 * ``bireal``: plus a real-valued shortcut around every binary conv;
 * each with and without distillation from the float model;
-* ``scratch``: the same binary network (Bi-Real) from random weights, labels only.
+* ``scratch``: the recipe's binary network from random weights, labels only (there is no trained
+  float model to distil from).
 
 Then the chosen post-hoc recipe (``cifar10-resnet20-posthoc``) on all 50,000 training images.
 
@@ -43,7 +44,7 @@ VARIANTS = {
     "hardtanh, labels only": ["policy.shortcuts=none", "distill.teacher=none"],
     "bireal + distill": ["policy.shortcuts=bireal"],
     "bireal, labels only": ["policy.shortcuts=bireal", "distill.teacher=none"],
-    "scratch (bireal, labels only)": ["policy.shortcuts=bireal", "distill.teacher=none", "model.weights=null"],
+    "scratch (hardtanh, labels only)": ["policy.shortcuts=none", "distill.teacher=none", "model.weights=null"],
 }
 
 
@@ -105,15 +106,19 @@ def main() -> None:
     parser.add_argument("--full-epochs", type=int, default=5, help="epochs of the full-data run (0 skips it)")
     parser.add_argument("--quick", action="store_true", help="1 epoch of 1,000 images, no full run")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--threads", type=int, default=2, help="torch threads (run two variant subsets side by side with 1)"
+    )
+    parser.add_argument("--data", type=Path, help="an extracted CIFAR-10 folder (default: extract into --work)")
     args = parser.parse_args()
     if not CHECKPOINT.exists() or not ARCHIVE.exists():
         print(f"skipped: needs {CHECKPOINT} and {ARCHIVE}")
         return
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     if args.quick:
         args.epochs, args.limit, args.full_epochs = 1, 1000, 0
     print(machine_line(), flush=True)
-    data = extract(args.work / "cifar10")
+    data = args.data or extract(args.work / "cifar10")
     results: dict = {"float_top1": float_accuracy(data)}
     print(f"float ResNet-20 on the JPEG test split: {results['float_top1']:.2f}%", flush=True)
     budget = [f"epochs={args.epochs}", f"train.limit_train={args.limit}"]

@@ -315,3 +315,25 @@ def test_python_dash_m_binarize_cli_errors_in_one_line(tmp_path):
     assert done.returncode != 0 and done.stdout == ""
     assert len(done.stderr.splitlines()) == 1 and done.stderr.startswith("error: unknown model 'resnet1B'")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_convert_has_an_option_for_every_policy_field():
+    import dataclasses
+
+    import typer.main
+
+    options = {p.name for p in typer.main.get_command(app).commands["convert"].params}
+    spelled_differently = {"binarize": "binarize_rule", "binarize_weights": "activations_only", "version": None}
+    for field in dataclasses.fields(binarize.Policy):
+        option = spelled_differently.get(field.name, field.name)
+        assert option is None or option in options, f"binarize convert has no option for Policy.{field.name}"
+
+
+def test_convert_activation_bias_option(tmp_path):
+    out = tmp_path / "m.safetensors"
+    result = CliRunner().invoke(
+        app, ["convert", "cifar_resnet20", "--no-pretrained", "--activation-bias", "-o", str(out), "--format", "json"]
+    )
+    assert result.exit_code == 0, result.output
+    assert read_metadata(out)["policy"]["activation_bias"] is True
+    assert any(k.endswith(".activation_bias") for k in binarize.load(out).state_dict())
