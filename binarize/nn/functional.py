@@ -105,12 +105,7 @@ def recu_threshold(centred: Tensor, scale: Tensor, tau: Tensor) -> Tensor:
         tau: 0-dim tensor, the quantile in ``[0.5, 1]``.
     """
     dims = tuple(range(1, centred.dim()))
-    return _threshold(centred.abs().sum(dim=dims, keepdim=True), scale, tau, centred.numel())
-
-
-def _threshold(abs_sum: Tensor, scale: Tensor, tau: Tensor, numel: int) -> Tensor:
-    """``Q`` from the per-channel sums of ``|centred|``."""
-    laplace_b = (abs_sum * scale).sum() / numel
+    laplace_b = (centred.abs().sum(dim=dims, keepdim=True) * scale).sum() / centred.numel()
     return -laplace_b * torch.log(2.0 - 2.0 * tau.to(laplace_b.dtype))
 
 
@@ -124,9 +119,8 @@ class _ReCUWeight(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight: Tensor, alpha: Tensor, tau: Tensor) -> Tensor:
         w = _stats_dtype(weight)
-        dims = tuple(range(1, w.dim()))
         mean, centred, scale = _centred_stats(w)
-        threshold = _threshold(centred.abs().sum(dim=dims, keepdim=True), scale, tau, w.numel())
+        threshold = recu_threshold(centred, scale, tau)
         # alpha * sign(centred), in the buffer of ``centred`` (which holds no -0.0, see _centred_stats)
         one = torch.ones((), dtype=w.dtype, device=w.device)
         out = torch.copysign(one, centred, out=centred).mul_(_per_channel(alpha, w).to(w.dtype))
@@ -204,8 +198,9 @@ def _recu_weight_composed(weight: Tensor, alpha: Tensor, tau: Tensor) -> Tensor:
     mean = w.mean(dim=dims, keepdim=True)
     centred = w - mean
     var = centred.square().sum(dim=dims, keepdim=True) / max(n - 1, 1)
-    w1 = centred * (WEIGHT_SCALE * torch.rsqrt(var + EPS))
-    threshold = (-w1.detach().abs().mean() * torch.log(2.0 - 2.0 * tau.to(w.dtype))).detach()
+    scale = WEIGHT_SCALE * torch.rsqrt(var + EPS)
+    w1 = centred * scale
+    threshold = recu_threshold(centred.detach(), scale.detach(), tau)
     clamped = torch.clamp(w1, -threshold, threshold)  # its gradient is the ReCU mask |W1| <= Q
     one = torch.ones((), dtype=w.dtype, device=w.device)
     signs = torch.where(w >= mean, one, -one) + (clamped - clamped.detach())  # sign(W1), gradient of clamped
