@@ -94,8 +94,9 @@ def _tensor_bytes(model: nn.Module) -> tuple[int, int, int]:
     """(parameter count, float32 bytes of all state, float32 bytes of the binary layers' weights)."""
     params = sum(p.numel() for p in model.parameters())
     state = sum(p.numel() for p in model.parameters())
+    saved = model.state_dict(keep_vars=True).keys()  # not the non-persistent buffers (ReCUConv2d.threshold)
     for name, buf in model.named_buffers():
-        if buf.is_floating_point() and not name.endswith(".tau") and name != "tau":
+        if name in saved and buf.is_floating_point() and not name.endswith(".tau") and name != "tau":
             state += buf.numel()
     binary_weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, ReCUConv2d) and m.binarize_weights)
     return params, 4 * state, 4 * binary_weights

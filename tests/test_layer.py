@@ -233,6 +233,20 @@ def test_threshold_is_exact() -> None:
     assert mags[i] <= stats.q < mags[i + 1]
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_threshold_buffer_holds_q(training: bool) -> None:
+    """The non-persistent ``threshold`` buffer receives the reference ``Q`` of the last forward."""
+    case = Case(6, 8, 3, (5, 5), padding=1)
+    layer = make_layer(case, 0.9, seed=5).train(training)
+    assert "threshold" not in layer.state_dict() and "threshold" in dict(layer.named_buffers())
+    layer.threshold.fill_(float("nan"))
+    _, stats = run_and_compare(layer, make_input(case, seed=5), seed=5)
+    assert layer.threshold.dtype == torch.float32 and layer.threshold.dim() == 0
+    assert layer.threshold.item() == pytest.approx(stats.q.item(), rel=1e-6)
+    layer.double()
+    assert layer.threshold.dtype == torch.float32 and layer.threshold.item() == pytest.approx(stats.q.item(), rel=1e-6)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # 2. exact zeros: sign(0) = sign(-0.0) = +1
 
@@ -579,6 +593,9 @@ def test_torch_compile_matches_eager() -> None:
     assert_rel_close(x_c.grad, x_e.grad, "input grad", tol=1e-9)
     for (name, p_e), p_c in zip(model.named_parameters(), compiled.parameters(), strict=True):
         assert_rel_close(p_c.grad, p_e.grad, f"{name} grad", tol=1e-9)
+    for i in (0, 3):
+        assert compiled[i].threshold.isfinite()
+        assert compiled[i].threshold.item() == pytest.approx(model[i].threshold.item(), rel=1e-6)
 
     # tau is read from the buffer at run time, not baked into the compiled graph
     grad_before = model[0].weight.grad.clone()
@@ -700,6 +717,8 @@ def test_from_float(padding_mode: str) -> None:
         assert getattr(layer, attr) == getattr(conv, attr), attr
     assert torch.equal(layer.weight, conv.weight) and torch.equal(layer.bias, conv.bias)
     assert layer.weight.dtype == conv.weight.dtype
+    assert layer.weight.is_contiguous(memory_format=torch.channels_last) and not layer.weight.is_contiguous()
+    assert layer.state_dict()["weight"].is_contiguous(memory_format=torch.channels_last)
     w = conv.weight.detach()
     expected_alpha = (w - w.mean(dim=(1, 2, 3), keepdim=True)).abs().mean(dim=(1, 2, 3))
     assert_rel_close(layer.alpha, expected_alpha, "alpha", tol=1e-6)

@@ -40,6 +40,9 @@ class ReCUConv2d(nn.Conv2d):
     Attributes:
         alpha: Learnable per-output-channel scale, initialised by :meth:`reset_alpha`.
         tau: 0-dim float32 buffer, the ReCU quantile; update it in place (``layer.tau.fill_(v)``).
+        threshold: 0-dim float32 buffer, not saved: the threshold ``Q(tau)`` of the last forward with
+            binary weights (NaN before it), for diagnostics: the weights with ``|W1| > Q`` get no
+            gradient. Storing it also keeps its statistics in the forward pass under ``torch.compile``.
         activation_bias: The learnable ``beta`` of shape ``(in_channels,)``, or None.
 
     Example::
@@ -57,6 +60,8 @@ class ReCUConv2d(nn.Conv2d):
         self.binarize_weights = binarize_weights
         self.alpha = nn.Parameter(torch.empty(self.out_channels, device=self.weight.device, dtype=self.weight.dtype))
         self.register_buffer("tau", torch.tensor(DEFAULT_TAU, dtype=torch.float32, device=self.weight.device))
+        nan = torch.tensor(float("nan"), dtype=torch.float32, device=self.weight.device)
+        self.register_buffer("threshold", nan, persistent=False)
         if learn_activation_bias:
             like = {"device": self.weight.device, "dtype": self.weight.dtype}
             self.activation_bias = nn.Parameter(torch.zeros(self.in_channels, **like))
@@ -74,6 +79,9 @@ class ReCUConv2d(nn.Conv2d):
         learn_activation_bias: bool = False,
     ) -> ReCUConv2d:
         """Builds the binary layer from a float convolution, copying its weights unchanged.
+
+        The latent weights are stored in the channels-last memory format (the values are those of
+        ``conv``; a state dict or a saved file holds them as usual).
 
         Args:
             conv: The float convolution; it is not modified.
@@ -105,10 +113,14 @@ class ReCUConv2d(nn.Conv2d):
             if conv.bias is not None:
                 layer.bias.copy_(conv.bias)
             layer.tau.fill_(DEFAULT_TAU)
+            layer.threshold.fill_(float("nan"))
             if layer.activation_bias is not None:
                 layer.activation_bias.zero_()
         layer.reset_alpha()
-        return layer
+        # The latent weights are kept channels-last, the layout the convolution itself prefers on CPU
+        # (oneDNN) and on GPU: compiled, the binary weight is then written and its gradient read in
+        # the order the convolution wants (M1 compiled 1.19 -> 1.09, docs/benchmarks.md).
+        return layer.to(memory_format=torch.channels_last)
 
     @staticmethod
     def unsupported_reason(conv: nn.Conv2d) -> str | None:
@@ -135,7 +147,7 @@ class ReCUConv2d(nn.Conv2d):
         """The weight the forward pass uses: ``alpha_o * sign(W - mean_o)``, or the float weight."""
         if not self.binarize_weights:
             return self.weight
-        return recu_weight(self.weight, self.alpha, self.tau)
+        return recu_weight(self.weight, self.alpha, self.tau, self.threshold)
 
     @torch.no_grad()
     def sign_bits(self) -> Tensor:
@@ -162,10 +174,12 @@ class ReCUConv2d(nn.Conv2d):
     def _apply(self, fn, recurse=True):
         # ``tau`` stays float32 whatever dtype the module is cast to: a bf16 tau would move Q. The value
         # is taken from before the cast, so a detour through half precision does not round it.
-        tau = self.tau
+        tau, threshold = self.tau, self.threshold
         super()._apply(fn, recurse)
         if self.tau.dtype != torch.float32:
             self.tau = tau.to(device=self.tau.device, dtype=torch.float32)
+        if self.threshold.dtype != torch.float32:
+            self.threshold = threshold.to(device=self.threshold.device, dtype=torch.float32)
         return self
 
     def extra_repr(self) -> str:

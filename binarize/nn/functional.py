@@ -24,7 +24,8 @@ Neither reads a value back to the host.
 In eager mode every op is a pass over memory, so both use as few passes and as few freshly allocated
 buffers as they can (in-place ops on their own buffers; large fresh allocations page-fault on CPU), and
 avoid the ops that are slow on CPU (``torch.where`` and boolean masks, ``var_mean``'s Welford update).
-Under ``torch.compile`` each Function becomes a couple of fused kernels whatever the op choice.
+Under ``torch.compile`` the weight path runs as :class:`_ReCUWeightTraced` instead, whose out-of-place form
+Inductor fuses into one pass over the weights forward and one backward.
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ def _centred_stats(w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     dims = tuple(range(1, w.dim()))
     n = w[0].numel()
     mean = w.mean(dim=dims, keepdim=True)
-    mean = torch.where(mean == 0, -0.0, mean)
+    mean = _no_zero_mean(mean)
     centred = w - mean
     var = torch.linalg.vector_norm(centred, 2, dim=dims, keepdim=True).square_().div_(max(n - 1, 1))
     return mean, centred, WEIGHT_SCALE * torch.rsqrt(var + EPS)
@@ -128,10 +129,11 @@ class _ReCUWeight(torch.autograd.Function):
         # The output is saved too: the conv saves it anyway, and its sign bits give sign(centred)
         # (that of alpha * s is sign(alpha) xor sign(s), also for alpha = +-0).
         ctx.save_for_backward(weight, alpha, mean, scale, threshold, out)
-        return out
+        ctx.mark_non_differentiable(threshold)
+        return out, threshold
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+    def backward(ctx, grad: Tensor, _: Tensor | None = None) -> tuple[Tensor | None, Tensor | None, None]:
         weight, alpha, mean, scale, threshold, out = ctx.saved_tensors
         w = _stats_dtype(weight)
         g = grad.to(w.dtype)
@@ -165,7 +167,66 @@ class _ReCUWeight(torch.autograd.Function):
         return grad_weight, grad_alpha, None
 
 
-def recu_weight(weight: Tensor, alpha: Tensor, tau: Tensor) -> Tensor:
+class _ReCUWeightTraced(torch.autograd.Function):
+    """:class:`_ReCUWeight` written for ``torch.compile``: out-of-place ops that Inductor fuses per channel.
+
+    The same forward and the same gradients (up to rounding). Under compile the partitioner, not
+    ``save_for_backward``, decides what the backward keeps, so the formulation steers it:
+
+    * the sign is ``copysign``, never a comparison: a saved boolean mask is stored by Inductor's CPU
+      code ~20x slower than the rest of the kernel;
+    * every statistic is a row reduction of the forward pass, finished there into ``Q`` (which the
+      caller stores, so it stays in the forward), and the backward reuses ``out`` for the signs: one
+      pass over the weights forward (mean, variance and ``sum |W - mean|`` of a channel while its
+      row is in cache) and one backward (the mask and the projection sums, then the gradient).
+    """
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, alpha: Tensor, tau: Tensor) -> tuple[Tensor, Tensor]:
+        w = _stats_dtype(weight)
+        dims = tuple(range(1, w.dim()))
+        row_sum = w.sum(dim=dims, keepdim=True)
+        mean = _no_zero_mean(row_sum / w[0].numel())
+        centred = w - mean
+        var = centred.square().sum(dim=dims, keepdim=True) / max(w[0].numel() - 1, 1)
+        scale = WEIGHT_SCALE * torch.rsqrt(var + EPS)
+        threshold = recu_threshold(centred, scale, tau)
+        one = torch.ones((), dtype=w.dtype, device=w.device)
+        out = (torch.copysign(one, centred) * _per_channel(alpha, w).to(w.dtype)).to(weight.dtype)
+        ctx.save_for_backward(weight, alpha, row_sum, scale, threshold, out)
+        ctx.mark_non_differentiable(threshold)
+        return out, threshold
+
+    @staticmethod
+    def backward(ctx, grad: Tensor, _: Tensor | None = None) -> tuple[Tensor | None, Tensor | None, None]:
+        weight, alpha, row_sum, scale, threshold, out = ctx.saved_tensors
+        w = _stats_dtype(weight)
+        g = grad.to(w.dtype)
+        dims = tuple(range(1, w.dim()))
+        n = w[0].numel()
+        one = torch.ones((), dtype=w.dtype, device=w.device)
+        a = _per_channel(alpha, w).to(w.dtype)
+        grad_alpha = None
+        if ctx.needs_input_grad[1]:
+            grad_alpha = (g * torch.copysign(one, out)).sum(dim=dims, keepdim=True) * torch.copysign(one, a)
+            grad_alpha = grad_alpha.flatten().to(alpha.dtype)
+        grad_weight = None
+        if ctx.needs_input_grad[0]:
+            w1 = (w - _no_zero_mean(row_sum / n)) * scale
+            masked = torch.where(w1.abs() <= threshold, g * a, 0.0)  # the ReCU clamp's gradient
+            # the exact gradient through the standardisation, as in _ReCUWeight.backward
+            row_mean = masked.sum(dim=dims, keepdim=True) / n
+            projection = (masked * w1).sum(dim=dims, keepdim=True) / (max(n - 1, 1) * WEIGHT_SCALE**2)
+            grad_weight = (scale * (masked - row_mean - w1 * projection)).to(weight.dtype)
+        return grad_weight, grad_alpha, None
+
+
+def _no_zero_mean(mean: Tensor) -> Tensor:
+    """A zero mean as -0.0, so that ``W - mean`` holds no -0.0 and ``copysign`` gives sign(0) = +1."""
+    return torch.where(mean == 0, -0.0, mean)
+
+
+def recu_weight(weight: Tensor, alpha: Tensor, tau: Tensor, threshold_out: Tensor | None = None) -> Tensor:
     """ReCU binary weight, scaled per output channel.
 
     Forward: ``alpha_o * sign(W - mean_o)`` (ReCU's ``sign(clamp(W1, -Q, Q))`` equals the sign of the
@@ -176,35 +237,17 @@ def recu_weight(weight: Tensor, alpha: Tensor, tau: Tensor) -> Tensor:
         weight: Latent weights, output channels first.
         alpha: Per-output-channel scale, shape ``(O,)``.
         tau: 0-dim tensor, the ReCU quantile.
+        threshold_out: Optional 0-dim tensor that receives the threshold ``Q(tau)`` of this call
+            (written in place, no host synchronisation).
 
     Returns:
         A tensor shaped like ``weight`` whose entries are ``+alpha_o`` or ``-alpha_o``.
     """
-    if torch.compiler.is_compiling():
-        return _recu_weight_composed(weight, alpha, tau)
-    return _ReCUWeight.apply(weight, alpha, tau)
-
-
-def _recu_weight_composed(weight: Tensor, alpha: Tensor, tau: Tensor) -> Tensor:
-    """:func:`recu_weight` as plain differentiable ops, for ``torch.compile``.
-
-    The same forward and the same gradients as :class:`_ReCUWeight` (up to rounding), derived by
-    autograd. Inductor fuses this form better than the hand-written backward: the clamp puts ``Q`` in
-    the forward graph, so the backward needs one pass less over the weights.
-    """
-    w = _stats_dtype(weight)
-    dims = tuple(range(1, w.dim()))
-    n = w[0].numel()
-    mean = w.mean(dim=dims, keepdim=True)
-    centred = w - mean
-    var = centred.square().sum(dim=dims, keepdim=True) / max(n - 1, 1)
-    scale = WEIGHT_SCALE * torch.rsqrt(var + EPS)
-    w1 = centred * scale
-    threshold = recu_threshold(centred.detach(), scale.detach(), tau)
-    clamped = torch.clamp(w1, -threshold, threshold)  # its gradient is the ReCU mask |W1| <= Q
-    one = torch.ones((), dtype=w.dtype, device=w.device)
-    signs = torch.where(w >= mean, one, -one) + (clamped - clamped.detach())  # sign(W1), gradient of clamped
-    return (signs * _per_channel(alpha, w).to(w.dtype)).to(weight.dtype)
+    function = _ReCUWeightTraced if torch.compiler.is_compiling() else _ReCUWeight
+    out, threshold = function.apply(weight, alpha, tau)
+    if threshold_out is not None:
+        threshold_out.copy_(threshold.detach())
+    return out
 
 
 class _SignConv2d(torch.autograd.Function):
