@@ -24,8 +24,8 @@ Neither reads a value back to the host.
 In eager mode every op is a pass over memory, so both use as few passes and as few freshly allocated
 buffers as they can (in-place ops on their own buffers; large fresh allocations page-fault on CPU), and
 avoid the ops that are slow on CPU (``torch.where`` and boolean masks, ``var_mean``'s Welford update).
-Under ``torch.compile`` the weight path runs as :class:`_ReCUWeightTraced` instead, whose out-of-place form
-Inductor fuses into one pass over the weights forward and one backward.
+Under ``torch.compile`` the weight path runs as :class:`_ReCUWeightTraced` instead, an out-of-place form
+that steers what the compiled graph keeps for the backward.
 """
 
 from __future__ import annotations
@@ -176,9 +176,13 @@ class _ReCUWeightTraced(torch.autograd.Function):
     * the sign is ``copysign``, never a comparison: a saved boolean mask is stored by Inductor's CPU
       code ~20x slower than the rest of the kernel;
     * every statistic is a row reduction of the forward pass, finished there into ``Q`` (which the
-      caller stores, so it stays in the forward), and the backward reuses ``out`` for the signs: one
-      pass over the weights forward (mean, variance and ``sum |W - mean|`` of a channel while its
-      row is in cache) and one backward (the mask and the projection sums, then the gradient).
+      caller stores: otherwise the partitioner moves the reductions into the backward, one more read
+      of the weights), and the backward takes the signs from ``out``, which the convolution keeps
+      anyway (otherwise it saves a float copy of the signs, one more write and read).
+
+    Inductor then reads the weights three times forward (the sums, the squares and absolute
+    deviations, the signs) and twice backward (the mask and projection sums, the gradient), with no
+    saved copy of them.
     """
 
     @staticmethod
