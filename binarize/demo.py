@@ -145,6 +145,7 @@ def run_demo(
     """Trains the float CNN, converts it, fine-tunes the binary model and measures every step."""
     start = time.perf_counter()
     train, val = digits_datasets(seed)
+    torch.manual_seed(seed)  # the float model's initialisation too, so that a seed fixes every figure
     float_model = DigitsCNN()
     _train_float(float_model, train, float_epochs, seed)
     val_loader = torch.utils.data.DataLoader(val, batch_size=256)

@@ -630,6 +630,21 @@ def test_run_demo_fine_tuning_improves_on_the_converted_model():
     assert result.seconds > 0
 
 
+def test_run_demo_is_fixed_by_its_seed():
+    """Every figure of the demo depends on its seed only, not on the global random state before it."""
+    from binarize.demo import run_demo
+
+    results = []
+    for state in (1, 2):
+        torch.manual_seed(state)
+        r = run_demo(seed=3, float_epochs=1, binary_epochs=1)
+        results.append((r.float_top1, r.converted_top1, r.finetuned_top1))
+    assert results[0] == results[1]
+    torch.manual_seed(1)
+    other = run_demo(seed=4, float_epochs=1, binary_epochs=1)
+    assert (other.float_top1, other.converted_top1, other.finetuned_top1) != results[0]
+
+
 @slow
 @pytest.mark.skipif(not (SHARED / "models" / "cifar10-resnet20-12fca82f.th").is_file(), reason="no shared models")
 def test_posthoc_recipe_on_real_cifar10(tmp_path_factory, tmp_path):
