@@ -172,14 +172,14 @@ class ReCUConv2d(nn.Conv2d):
         )
 
     def _apply(self, fn, recurse=True):
-        # ``tau`` stays float32 whatever dtype the module is cast to: a bf16 tau would move Q. The value
-        # is taken from before the cast, so a detour through half precision does not round it.
-        tau, threshold = self.tau, self.threshold
+        # ``tau`` (and ``threshold``) stay float32 whatever dtype the module is cast to: a bf16 tau would
+        # move Q. The value is taken from before the cast, so a detour through half precision does not round it.
+        before = {name: getattr(self, name) for name in ("tau", "threshold")}
         super()._apply(fn, recurse)
-        if self.tau.dtype != torch.float32:
-            self.tau = tau.to(device=self.tau.device, dtype=torch.float32)
-        if self.threshold.dtype != torch.float32:
-            self.threshold = threshold.to(device=self.threshold.device, dtype=torch.float32)
+        for name, value in before.items():
+            after = getattr(self, name)
+            if after.dtype != torch.float32:
+                setattr(self, name, value.to(device=after.device, dtype=torch.float32))
         return self
 
     def extra_repr(self) -> str:

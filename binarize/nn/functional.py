@@ -110,6 +110,20 @@ def recu_threshold(centred: Tensor, scale: Tensor, tau: Tensor) -> Tensor:
     return -laplace_b * torch.log(2.0 - 2.0 * tau.to(laplace_b.dtype))
 
 
+def _backward_operands(
+    weight: Tensor, alpha: Tensor, grad: Tensor
+) -> tuple[Tensor, Tensor, tuple[int, ...], int, Tensor, Tensor]:
+    """The operands both weight backwards start from.
+
+    Returns:
+        The weights and the gradient in the statistics dtype, the reduced dims, the fan-in ``n``, a
+        scalar one and ``alpha`` shaped per output channel.
+    """
+    w = _stats_dtype(weight)
+    one = torch.ones((), dtype=w.dtype, device=w.device)
+    return w, grad.to(w.dtype), tuple(range(1, w.dim())), w[0].numel(), one, _per_channel(alpha, w).to(w.dtype)
+
+
 class _ReCUWeight(torch.autograd.Function):
     """Binary weight ``alpha_o * sign(W - mean_o)`` with ReCU's masked straight-through gradient.
 
@@ -135,12 +149,7 @@ class _ReCUWeight(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor, _: Tensor | None = None) -> tuple[Tensor | None, Tensor | None, None]:
         weight, alpha, mean, scale, threshold, out = ctx.saved_tensors
-        w = _stats_dtype(weight)
-        g = grad.to(w.dtype)
-        dims = tuple(range(1, w.dim()))
-        n = w[0].numel()
-        one = torch.ones((), dtype=w.dtype, device=w.device)
-        a = _per_channel(alpha, w).to(w.dtype)
+        w, g, dims, n, one, a = _backward_operands(weight, alpha, grad)
         centred = w - mean
         # Two weight-sized buffers and no other allocation: large fresh allocations page-fault on CPU.
         buf = torch.copysign(one, out).to(w.dtype)  # sign(alpha) * sign(centred), one pass over ``out``
@@ -188,11 +197,11 @@ class _ReCUWeightTraced(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight: Tensor, alpha: Tensor, tau: Tensor) -> tuple[Tensor, Tensor]:
         w = _stats_dtype(weight)
-        dims = tuple(range(1, w.dim()))
+        dims, n = tuple(range(1, w.dim())), w[0].numel()
         row_sum = w.sum(dim=dims, keepdim=True)
-        mean = _no_zero_mean(row_sum / w[0].numel())
+        mean = _no_zero_mean(row_sum / n)
         centred = w - mean
-        var = centred.square().sum(dim=dims, keepdim=True) / max(w[0].numel() - 1, 1)
+        var = centred.square().sum(dim=dims, keepdim=True) / max(n - 1, 1)
         scale = WEIGHT_SCALE * torch.rsqrt(var + EPS)
         threshold = recu_threshold(centred, scale, tau)
         one = torch.ones((), dtype=w.dtype, device=w.device)
@@ -204,12 +213,7 @@ class _ReCUWeightTraced(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor, _: Tensor | None = None) -> tuple[Tensor | None, Tensor | None, None]:
         weight, alpha, row_sum, scale, threshold, out = ctx.saved_tensors
-        w = _stats_dtype(weight)
-        g = grad.to(w.dtype)
-        dims = tuple(range(1, w.dim()))
-        n = w[0].numel()
-        one = torch.ones((), dtype=w.dtype, device=w.device)
-        a = _per_channel(alpha, w).to(w.dtype)
+        w, g, dims, n, one, a = _backward_operands(weight, alpha, grad)
         grad_alpha = None
         if ctx.needs_input_grad[1]:
             grad_alpha = (g * torch.copysign(one, out)).sum(dim=dims, keepdim=True) * torch.copysign(one, a)
