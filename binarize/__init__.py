@@ -12,14 +12,12 @@ The public API::
 """
 
 from binarize._version import __version__
-from binarize.convert import binarize_meta, convert, recalibrate_bn
+from binarize.conversion import Policy, Report, binarize_meta, convert, inspect, recalibrate_bn
 from binarize.engine import FinetuneResult, evaluate, finetune
 from binarize.errors import BinarizeError
 from binarize.files import load, save
 from binarize.models import create_model
-from binarize.policy import Policy
 from binarize.recipes import Recipe, load_recipe
-from binarize.report import Report, inspect
 
 __all__ = [
     "__version__",

@@ -10,22 +10,16 @@ an error naming the nearest valid key, and a wrong type names the field and the 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import types
 import typing
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
+from binarize._utils import nearest
 from binarize.errors import ConfigError
 
 __all__ = ["Config", "check", "nearest"]
 
 T = TypeVar("T", bound="Config")
-
-
-def nearest(word: str, choices: typing.Iterable[str]) -> str:
-    """A ``"; did you mean 'x'?"`` suffix naming the closest choice, or an empty string."""
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
-    return f"; did you mean '{close[0]}'?" if close else ""
 
 
 def check(condition: bool, field: str, message: str) -> None:

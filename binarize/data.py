@@ -66,7 +66,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from binarize.config import Config, check, nearest
+from binarize._utils import mix_seed, nearest
+from binarize.config import Config, check
 from binarize.errors import ConfigError, DataError
 
 __all__ = [
@@ -639,20 +640,6 @@ def stratified_subset(targets: Sequence[int], n: int, seed: int) -> list[int]:
     return sorted(i for c in classes for i in rng.sample(members[c], take[c]))
 
 
-_MASK64 = (1 << 64) - 1
-
-
-def _mix(*values: int) -> int:
-    """A 63-bit seed that is a pure function of ``values`` (chained SplitMix64 finalisers)."""
-    state = 0x9E3779B97F4A7C15
-    for value in values:
-        state = ((state ^ (value & _MASK64)) * 0xBF58476D1CE4E5B9) & _MASK64
-        state ^= state >> 31
-        state = ((state + 0x9E3779B97F4A7C15) * 0x94D049BB133111EB) & _MASK64
-        state ^= state >> 29
-    return state >> 1
-
-
 class EpochSampler(Sampler[tuple[int, int]]):
     """Yields ``(index, epoch)`` keys: this process's shard of the epoch's order, a pure function of (seed, epoch).
 
@@ -686,7 +673,7 @@ class EpochSampler(Sampler[tuple[int, int]]):
         """This process's indices for the current epoch, in order (``start`` not applied)."""
         order = self.indices
         if self.shuffle:
-            generator = torch.Generator().manual_seed(_mix(self.seed, self.epoch))
+            generator = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
             order = [order[i] for i in torch.randperm(len(order), generator=generator).tolist()]
         if self.even:
             order = order[: len(order) - len(order) % self.world_size]
@@ -714,7 +701,7 @@ class _SeededDataset(Dataset):
         index, epoch = key if isinstance(key, tuple) else (key, 0)
         state = torch.get_rng_state()
         try:
-            torch.default_generator.manual_seed(_mix(self.seed, epoch, index))
+            torch.default_generator.manual_seed(mix_seed(self.seed, epoch, index))
             return self.dataset[index]
         finally:
             torch.set_rng_state(state)
@@ -791,7 +778,7 @@ class Loaders:
         """
         for loader, start in ((self.train, start_batch * (self.train.batch_size or 1)), (self.val, 0)):
             loader.sampler.set_epoch(epoch, start)
-            loader.generator.manual_seed(_mix(self.seed, epoch, int(loader is self.train)))
+            loader.generator.manual_seed(mix_seed(self.seed, epoch, int(loader is self.train)))
 
     def close(self) -> None:
         """Stops the worker processes of both loaders (call when done; they would linger until collected)."""

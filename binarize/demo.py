@@ -16,12 +16,12 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from binarize.conversion.policy import Policy
+from binarize.conversion.report import inspect
 from binarize.data import DataConfig
 from binarize.engine import evaluate, finetune
 from binarize.engine.progress import Reporter
-from binarize.policy import Policy
 from binarize.recipes import DistillConfig, OptimizerConfig, Recipe, ScheduleConfig, StageConfig, TrainConfig
-from binarize.report import inspect
 
 __all__ = ["DemoResult", "DigitsCNN", "digits_datasets", "run_demo"]
 

@@ -26,12 +26,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from binarize._utils import default_example_inputs, unwrap
 from binarize._version import __version__
-from binarize.convert import binarize_meta, convert
+from binarize.conversion.pipeline import binarize_meta, convert
+from binarize.conversion.policy import Policy
 from binarize.errors import BinarizeError, FileFormatError
 from binarize.models import SOURCE_ATTR, create_model
-from binarize.policy import Policy
-from binarize.trace import default_example_inputs, unwrap
 from binarize.weights import load_weights
 
 __all__ = ["save", "load", "read_metadata", "atomic_write", "FORMAT_VERSION"]

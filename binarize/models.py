@@ -14,7 +14,6 @@ Names are looked up in registries, never evaluated.
 from __future__ import annotations
 
 import contextlib
-import difflib
 import importlib
 import importlib.util
 import inspect as pyinspect
@@ -25,6 +24,7 @@ from typing import Any
 
 from torch import nn
 
+from binarize._utils import closest, replace_submodule
 from binarize.errors import ModelSpecError
 from binarize.weights import load_weights, read_state_dict
 
@@ -49,11 +49,6 @@ def parse_spec(spec: str) -> tuple[str, str, str | None]:
             raise ModelSpecError(f"'{spec}': the part after ':' must be a function name, e.g. my_models.py:make_net")
         return ("file" if target.endswith(".py") else "module"), target, factory
     return "timm", spec, None
-
-
-def _closest(name: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(name, choices, n=5, cutoff=0.6)
-    return f"; closest: {', '.join(close)}" if close else ""
 
 
 def _is_network_error(err: BaseException) -> bool:
@@ -91,7 +86,7 @@ def _timm_model(name: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Modul
     import binarize.zoo  # noqa: F401 - registers binarize's CIFAR models in timm
 
     if not timm.is_model(name):
-        raise ModelSpecError(f"unknown model '{name}'{_closest(name, timm.list_models())}")
+        raise ModelSpecError(f"unknown model '{name}'{closest(name, timm.list_models())}")
     try:
         with _hub_offline_when_unreachable() if pretrained else contextlib.nullcontext():
             return timm.create_model(name, pretrained=pretrained, **kwargs)
@@ -113,9 +108,7 @@ def _replace_last_linear(model: nn.Module, num_classes: int) -> None:
             name, last = n, m
     if last is None or last.out_features == num_classes:
         return
-    parent, _, attr = name.rpartition(".")
-    head = nn.Linear(last.in_features, num_classes, bias=last.bias is not None)
-    setattr(model.get_submodule(parent) if parent else model, attr, head)
+    replace_submodule(model, name, nn.Linear(last.in_features, num_classes, bias=last.bias is not None))
 
 
 def _torchvision_model(name: str, pretrained: bool, num_classes: int | None) -> nn.Module:
@@ -123,7 +116,7 @@ def _torchvision_model(name: str, pretrained: bool, num_classes: int | None) -> 
 
     available = torchvision.models.list_models(module=torchvision.models)
     if name not in available:
-        raise ModelSpecError(f"unknown torchvision model '{name}'{_closest(name, available)}")
+        raise ModelSpecError(f"unknown torchvision model '{name}'{closest(name, available)}")
     if not pretrained:
         kwargs = {} if num_classes is None else {"num_classes": num_classes}
         return torchvision.models.get_model(name, weights=None, **kwargs)
@@ -162,7 +155,7 @@ def _load_factory(kind: str, target: str, factory: str):
     fn = getattr(module, factory, None)
     if not callable(fn):
         names = [n for n in dir(module) if callable(getattr(module, n)) and not n.startswith("_")]
-        raise ModelSpecError(f"'{target}' has no function '{factory}'{_closest(factory, names)}")
+        raise ModelSpecError(f"'{target}' has no function '{factory}'{closest(factory, names)}")
     return fn
 
 

@@ -108,7 +108,7 @@ ARCHITECTURES = [pytest.param(a, id=a[0]) for a in _TIMM_FAST + _TV_FAST] + [
 
 # ---------------------------------------------------------------------------------------------------
 # The checker: what counts as a ReLU-family activation and what a sign can look through. Written here
-# independently of binarize.graph, so that a gap in the library's lists makes a test fail.
+# independently of binarize.conversion.graph, so that a gap in the library's lists makes a test fail.
 
 _ACTIVATION_TYPES = (
     nn.ReLU, nn.ReLU6, nn.RReLU, nn.LeakyReLU, nn.SiLU, nn.GELU, nn.Hardswish, nn.Mish, nn.ELU, nn.CELU, nn.SELU,

@@ -1,4 +1,4 @@
-"""Tests of binarize.policy: the per-layer decision and its precedence, strict validation, round trips,
+"""Tests of binarize.conversion.policy: the per-layer decision and its precedence, strict validation, round trips,
 and the reasons a conversion reports."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 import binarize
+from binarize.conversion.policy import Decision, LayerFacts, Policy, decide
 from binarize.errors import BinarizeError, ConfigError
 from binarize.nn import ReCUConv2d
-from binarize.policy import Decision, LayerFacts, Policy, decide
 
 CONV_TYPES = ("Conv2d", "_ConvNd", "Module", "object")
 

@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 import binarize
+from binarize.conversion.policy import Policy
 from binarize.errors import ConfigError
-from binarize.policy import Policy
 from binarize.recipes import (
     DistillConfig,
     MethodConfig,

@@ -1,4 +1,4 @@
-"""Tests of binarize.report: the layer table and the cost summary, checked against hand counts."""
+"""Tests of binarize.conversion.report: the layer table and the cost summary, checked against hand counts."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import binarize
-from binarize.report import LayerEntry, Report
+from binarize.conversion.report import LayerEntry, Report
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -20,7 +20,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from binarize.convert import binarize_meta, convert, recalibrate_bn
+from binarize._utils import mix_seed, unwrap
+from binarize.conversion.pipeline import binarize_meta, convert, recalibrate_bn
 from binarize.data import Datasets, ResolvedData, build_datasets, build_loaders, resolve_data_config
 from binarize.engine import checkpoint as ckpt
 from binarize.engine.distributed import DistContext, all_reduce_sum, broadcast_buffers
@@ -34,7 +35,6 @@ from binarize.files import save
 from binarize.models import create_model
 from binarize.nn import ReCUConv2d
 from binarize.recipes import Recipe, StageConfig, dump_recipe, load_recipe
-from binarize.trace import unwrap
 from binarize.weights import load_weights
 
 __all__ = ["FinetuneResult", "finetune", "evaluate", "set_tau", "set_weight_binarization", "autocast_dtype"]
@@ -126,13 +126,6 @@ def _to_device(images, labels, device, channels_last):
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     return images, labels.to(device, non_blocking=True)
-
-
-def _seed(*parts: int) -> int:
-    value = 0x9E3779B9
-    for p in parts:
-        value = (value * 1_000_003 + int(p) + 1) % (2**63 - 1)
-    return value
 
 
 @dataclasses.dataclass
@@ -402,7 +395,7 @@ def _run_stage(run: _Run, stage_index: int, start_epoch: int, state: dict | None
             tau = tau_at(epoch, stage.epochs, recipe.method)
             set_tau(run.student, tau)
             loaders.set_epoch(epoch)
-            torch.manual_seed(_seed(recipe.train.seed, stage_index, epoch))
+            torch.manual_seed(mix_seed(recipe.train.seed, stage_index, epoch))
             train, step = _train_epoch(run, model, teacher, loaders, optimizer, scaler, stage, stage_index, epoch, step)
             broadcast_buffers(run.student, run.ctx)
             val = evaluate(model, loaders.val, run.device, run.dtype, recipe.train.channels_last, run.ctx)

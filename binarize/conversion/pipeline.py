@@ -1,6 +1,6 @@
 """The conversion pass: a float model in, a binary model out.
 
-``convert`` = copy -> trace -> propagate shapes -> decide per layer (:mod:`binarize.policy`) ->
+``convert`` = copy -> trace -> propagate shapes -> decide per layer (:mod:`binarize.conversion.policy`) ->
 rewrite the activations that feed binary convs -> swap convs for :class:`~binarize.nn.ReCUConv2d`
 -> optional Bi-Real shortcuts -> record what was done in ``model.binarize_meta``. A model that
 cannot be traced is converted by swapping modules by name instead (``traced: false`` in the report).
@@ -14,12 +14,13 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import fx, nn
 
+from binarize._utils import default_example_inputs, eval_mode, replace_submodule, unwrap
 from binarize._version import __version__
-from binarize.graph import GraphFacts, is_activation_module, is_fused_norm_act
+from binarize.conversion.graph import GraphFacts, is_activation_module, is_fused_norm_act
+from binarize.conversion.policy import Decision, LayerFacts, Policy, check_rules_match, decide
+from binarize.conversion.rewrite import add_bireal_shortcuts, rewrite_activations, sign_input_module
+from binarize.conversion.trace import propagate_shapes, trace
 from binarize.nn import ReCUConv2d
-from binarize.policy import Decision, LayerFacts, Policy, check_rules_match, decide
-from binarize.rewrite import add_bireal_shortcuts, rewrite_activations, sign_input_module
-from binarize.trace import default_example_inputs, eval_mode, propagate_shapes, trace, unwrap
 
 __all__ = ["convert", "recalibrate_bn", "binarize_meta", "effective_weight", "META_ATTR"]
 
@@ -79,17 +80,12 @@ def _layer_facts(name: str, module: nn.Module, unsupported: str | None = None, *
     )
 
 
-def _swap(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, attr, module)
-
-
 def _binarize_layers(root: nn.Module, decisions: dict[str, Decision], policy: Policy) -> None:
     for name, decision in decisions.items():
         conv = root.get_submodule(name)
         if decision.binary and not isinstance(conv, ReCUConv2d):
             weight, _ = effective_weight(conv)
-            _swap(
+            replace_submodule(
                 root,
                 name,
                 ReCUConv2d.from_float(
@@ -228,7 +224,7 @@ def _convert_untraced(
         if is_fused_norm_act(act):
             act.act = new
         else:
-            _swap(model, act_name, new)
+            replace_submodule(model, act_name, new)
         replaced.append(act_name)
     _binarize_layers(model, decisions, policy)
     return model, {"decisions": decisions, "activations_replaced": replaced, "shortcuts": {}}

@@ -9,20 +9,18 @@ only when timm is already loaded (which it is for any timm model).
 
 from __future__ import annotations
 
-import contextlib
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from binarize._utils import eval_mode
 from binarize.nn import ReCUConv2d
 from binarize.nn.shortcut import BiRealShortcut
 
-__all__ = ["BinarizeTracer", "trace", "default_example_inputs", "eval_mode", "propagate_shapes", "unwrap"]
-
-DEFAULT_INPUT_SIZE = (3, 224, 224)
+__all__ = ["BinarizeTracer", "trace", "propagate_shapes"]
 
 
 def _timm_notrace() -> tuple[list[type[nn.Module]], list[Callable]]:
@@ -63,40 +61,6 @@ def trace(model: nn.Module) -> fx.GraphModule:
     tracer = BinarizeTracer()
     graph = tracer.trace(model)
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module inside DataParallel, DistributedDataParallel and ``torch.compile`` wrappers."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            model = model.module
-        else:
-            return model
-
-
-def default_example_inputs(model: nn.Module, input_size: Sequence[int] | None = None) -> tuple[torch.Tensor]:
-    """One zero image: ``input_size``, else the model's timm ``pretrained_cfg`` size, else 3x224x224."""
-    if input_size is None:
-        cfg = getattr(model, "pretrained_cfg", None) or {}
-        input_size = cfg.get("input_size") or DEFAULT_INPUT_SIZE
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
-    return (torch.zeros(1, *input_size, device=device),)
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Puts every submodule in eval mode, then restores each one's own mode (a training model may hold
-    frozen, eval-mode parts: ``model.train(was_training)`` would unfreeze them)."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 @torch.no_grad()

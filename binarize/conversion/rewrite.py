@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from binarize.graph import GraphFacts, is_fused_norm_act
+from binarize.conversion.graph import GraphFacts, is_fused_norm_act
 from binarize.nn.shortcut import BiRealShortcut
 
 __all__ = ["rewrite_activations", "add_bireal_shortcuts", "sign_input_module"]
@@ -150,7 +150,7 @@ def rewrite_activations(gm: fx.GraphModule, facts: GraphFacts, binary: list[str]
 
     Args:
         gm: The traced model (modified in place).
-        facts: Its :class:`~binarize.graph.GraphFacts`.
+        facts: Its :class:`~binarize.conversion.graph.GraphFacts`.
         binary: Qualified names of the convs that become binary.
         kind: ``hardtanh``, ``identity``, ``prelu`` or ``keep`` (no change).
 
@@ -201,7 +201,7 @@ def add_bireal_shortcuts(
 
     Args:
         gm: The traced model (modified in place).
-        facts: Its :class:`~binarize.graph.GraphFacts`.
+        facts: Its :class:`~binarize.conversion.graph.GraphFacts`.
         binary: Qualified names of the binary convs.
         in_shapes: Input and output shape of each conv, ``name -> (in_shape, out_shape)``.
         mode: ``avgpool_conv`` or ``zero_pad`` for shortcuts whose shapes differ.

@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from binarize.convert import binarize_meta
+from binarize._utils import default_example_inputs, eval_mode, unwrap
+from binarize.conversion.pipeline import binarize_meta
 from binarize.nn import ReCUConv2d
-from binarize.trace import default_example_inputs, eval_mode, unwrap
 
 __all__ = ["LayerEntry", "Report", "inspect"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from binarize.report import Report
+from binarize.conversion.report import Report
 
 __all__ = ["render_report"]
 

@@ -8,10 +8,10 @@ from typing import Annotated
 import typer
 
 import binarize
+from binarize._utils import default_example_inputs
 from binarize.cli._common import FormatOption, OutputFormat, console, errors_as_one_line, parse_input_size, print_json
 from binarize.cli._common import stderr as err_console
 from binarize.cli._report import render_report
-from binarize.trace import default_example_inputs
 
 __all__ = ["convert_command", "policy_from_options", "model_from_options"]
 

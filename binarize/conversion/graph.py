@@ -1,5 +1,5 @@
 """Reading a traced model: which nodes are convolutions, activations and pass-through ops, and the
-data-flow facts the :class:`~binarize.policy.Policy` needs (first conv, last layer, 1x1 shortcuts,
+data-flow facts the :class:`~binarize.conversion.policy.Policy` needs (first conv, last layer, 1x1 shortcuts,
 squeeze-and-excitation convs).
 
 All walks follow ``graph.nodes`` order or explicit lists, never sets of nodes, so results are

@@ -25,7 +25,8 @@ import re
 import typing
 from typing import Literal
 
-from binarize.config import Config, check, nearest
+from binarize._utils import nearest
+from binarize.config import Config, check
 from binarize.errors import ConfigError
 
 __all__ = ["Policy", "LayerFacts", "Decision", "decide", "check_rules_match"]

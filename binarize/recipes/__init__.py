@@ -18,10 +18,11 @@ from typing import Any, Literal
 
 import yaml
 
-from binarize.config import Config, check, nearest
+from binarize._utils import nearest
+from binarize.config import Config, check
+from binarize.conversion.policy import Policy
 from binarize.data import DataConfig
 from binarize.errors import ConfigError
-from binarize.policy import Policy
 
 __all__ = [
     "ModelConfig",
@@ -309,13 +310,8 @@ def _parse_yaml(text: str) -> Any:
 
 
 def _shipped_dir():
-    """The shipped recipes: package data ``binarize/recipe_files`` of an installed binarize, or the
-    ``recipes/`` folder of the source tree under an editable install (whose import hook does not
-    expose data-only folders)."""
-    try:
-        return importlib.resources.files("binarize.recipe_files")
-    except ModuleNotFoundError:
-        return Path(__file__).resolve().parent.parent / "recipes"
+    """The folder of the shipped recipe files (package data of ``binarize.recipes``)."""
+    return importlib.resources.files(__name__)
 
 
 def list_recipes() -> dict[str, str]:
