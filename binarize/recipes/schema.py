@@ -1,0 +1,274 @@
+"""The recipe schema: a whole fine-tune (model, policy, data, method, stages, train) as frozen configurations."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from binarize.config import Config, check
+from binarize.conversion.policy import Policy
+from binarize.data import DataConfig
+
+__all__ = [
+    "ModelConfig",
+    "MethodConfig",
+    "WeightDecayConfig",
+    "OptimizerConfig",
+    "ScheduleConfig",
+    "DistillConfig",
+    "StageConfig",
+    "TrainConfig",
+    "Recipe",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig(Config):
+    """The float model to start from.
+
+    Args:
+        spec: ``NAME`` (timm), ``torchvision:NAME`` or ``FILE.py:FACTORY`` (see :mod:`binarize.models`);
+            None when the caller passes a model.
+        weights: A weights file to load into it (the user's pretrained float model).
+        pretrained: Download the timm/torchvision pretrained weights instead.
+        num_classes: Output classes; None keeps the model's (checked against the dataset).
+    """
+
+    spec: str | None = None
+    weights: str | None = None
+    pretrained: bool = False
+    num_classes: int | None = None
+
+    def validate(self) -> None:
+        check(self.num_classes is None or self.num_classes >= 1, "num_classes", "must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodConfig(Config):
+    """ReCU's tau schedule (Xu et al. 2021, section 3.4): ``tau(t) = A e^(t/T) + B``.
+
+    ``A = (tau_max - tau_min) / (e - 1)`` and ``B = tau_min - A``, so tau grows exponentially from
+    ``tau_min`` at the start of a stage towards ``tau_max``.
+
+    Args:
+        tau_min: tau at the start (the official code: 0.85).
+        tau_max: tau at the end of the schedule (0.99).
+        granularity: ``epoch`` (tau constant within an epoch, t = epoch index, as the paper's code)
+            or ``step`` (t = fractional epoch, updated every step).
+    """
+
+    tau_min: float = 0.85
+    tau_max: float = 0.99
+    granularity: Literal["epoch", "step"] = "epoch"
+
+    def validate(self) -> None:
+        check(0.5 <= self.tau_min <= 1.0, "tau_min", f"must lie in [0.5, 1], got {self.tau_min}")
+        check(self.tau_min <= self.tau_max <= 1.0, "tau_max", f"must lie in [tau_min, 1], got {self.tau_max}")
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightDecayConfig(Config):
+    """Weight decay per parameter role (roles come from the module types, never from names).
+
+    Args:
+        binary: Latent weights of binary convolutions.
+        scale: The per-channel scales ``alpha`` of binary convolutions.
+        norm_bias: Normalisation parameters and every bias.
+        float: Weights of the layers that stay float (stem, head, shortcuts, ...).
+    """
+
+    binary: float = 0.0
+    scale: float = 0.0
+    norm_bias: float = 0.0
+    float: float = 0.0
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            check(getattr(self, f.name) >= 0, f.name, "weight decay must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig(Config):
+    """Optimizer of a stage.
+
+    Args:
+        name: ``sgd`` (with momentum), ``adam`` or ``adamw``.
+        lr: Peak learning rate (after warm-up).
+        momentum: SGD momentum.
+        nesterov: SGD Nesterov momentum.
+        betas: Adam/AdamW betas.
+        weight_decay: Weight decay per parameter role.
+    """
+
+    name: Literal["sgd", "adam", "adamw"] = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    nesterov: bool = False
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: WeightDecayConfig = WeightDecayConfig()
+
+    def validate(self) -> None:
+        check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        check(0 <= self.momentum < 1, "momentum", f"must lie in [0, 1), got {self.momentum}")
+        check(all(0 <= b < 1 for b in self.betas), "betas", f"must lie in [0, 1), got {self.betas}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduleConfig(Config):
+    """Learning-rate schedule of a stage, a pure function of the step.
+
+    Args:
+        name: ``cosine`` (to ``min_lr`` at the end), ``step`` (times ``gamma`` at each milestone
+            epoch) or ``constant``.
+        warmup_epochs: Linear warm-up from ``lr / (warmup steps)`` to ``lr`` over this many epochs.
+        min_lr: Final learning rate of the cosine schedule.
+        milestones: Epochs at which the step schedule multiplies the rate by ``gamma``.
+        gamma: Factor of the step schedule.
+    """
+
+    name: Literal["cosine", "step", "constant"] = "cosine"
+    warmup_epochs: float = 0.0
+    min_lr: float = 0.0
+    milestones: tuple[int, ...] = ()
+    gamma: float = 0.1
+
+    def validate(self) -> None:
+        check(self.warmup_epochs >= 0, "warmup_epochs", "must be >= 0")
+        check(self.min_lr >= 0, "min_lr", "must be >= 0")
+        check(0 < self.gamma <= 1, "gamma", f"must lie in (0, 1], got {self.gamma}")
+        check(list(self.milestones) == sorted(self.milestones), "milestones", "must be increasing")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig(Config):
+    """Knowledge distillation of a stage.
+
+    The loss is ``alpha * soft_ce + (1 - alpha) * label_ce`` where ``soft_ce`` is the cross-entropy
+    between the teacher's softmax and the student's log-softmax at ``temperature`` (ReActNet's
+    distribution loss, used by ReCU's two-stage recipe).
+
+    Args:
+        teacher: ``float`` (the user's float model before conversion), ``none`` (labels only), or a
+            model specification such as ``torchvision:resnet34``.
+        teacher_weights: Weights file for a teacher given by specification.
+        teacher_pretrained: Download pretrained weights for a teacher given by specification.
+        alpha: Share of the distillation loss (1: no label loss).
+        temperature: Softmax temperature of both distributions.
+    """
+
+    teacher: str = "float"
+    teacher_weights: str | None = None
+    teacher_pretrained: bool = False
+    alpha: float = 1.0
+    temperature: float = 1.0
+
+    def validate(self) -> None:
+        check(self.teacher.strip() != "", "teacher", "give float, none or a model specification")
+        check(0 <= self.alpha <= 1, "alpha", f"must lie in [0, 1], got {self.alpha}")
+        check(self.temperature > 0, "temperature", "must be > 0")
+
+    @property
+    def enabled(self) -> bool:
+        return self.teacher != "none" and self.alpha > 0
+
+
+@dataclasses.dataclass(frozen=True)
+class StageConfig(Config):
+    """One training stage; a later stage starts from the previous one's weights.
+
+    Args:
+        name: Shown in logs and metrics.
+        epochs: Epochs of this stage.
+        batch_size: Images per step (per process under torchrun).
+        binarize_weights: False trains with binary activations and float weights (stage 1 of
+            ReActNet-style two-stage training).
+        optimizer: Optimizer settings.
+        schedule: Learning-rate schedule.
+        distill: Distillation settings.
+        label_smoothing: Label smoothing of the label loss.
+        grad_clip: Clip the gradient norm to this value; None does not clip.
+    """
+
+    name: str = "main"
+    epochs: int = 10
+    batch_size: int = 128
+    binarize_weights: bool = True
+    optimizer: OptimizerConfig = OptimizerConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    distill: DistillConfig = DistillConfig()
+    label_smoothing: float = 0.0
+    grad_clip: float | None = None
+
+    def validate(self) -> None:
+        check(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
+        check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        check(0 <= self.label_smoothing < 1, "label_smoothing", "must lie in [0, 1)")
+        check(self.grad_clip is None or self.grad_clip > 0, "grad_clip", "must be > 0 or null")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig(Config):
+    """How the run executes (not what it learns).
+
+    Args:
+        seed: Seed of data order, augmentation and initialisation; runs are reproducible on the CPU.
+        device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
+        precision: ``fp32``, ``bf16`` (autocast) or ``fp16`` (autocast with a gradient scaler);
+            ``auto`` picks bf16 on CUDA and fp32 on the CPU.
+        channels_last: Use the channels-last memory format.
+        compile: Compile the student with ``torch.compile``.
+        bn_calibration_batches: Batches used to re-estimate BatchNorm statistics right after conversion.
+        log_every: Steps between progress updates (each reads the loss back from the device).
+        limit_train: Train on a seeded, class-balanced subset of this many images.
+    """
+
+    seed: int = 0
+    device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    channels_last: bool = False
+    compile: bool = False
+    bn_calibration_batches: int = 50
+    log_every: int = 20
+    limit_train: int | None = None
+
+    def validate(self) -> None:
+        ok = self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:") and self.device[5:].isdigit())
+        check(ok, "device", f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        check(self.bn_calibration_batches >= 0, "bn_calibration_batches", "must be >= 0")
+        check(self.log_every >= 1, "log_every", "must be >= 1")
+        check(self.limit_train is None or self.limit_train >= 1, "limit_train", "must be >= 1 or null")
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe(Config):
+    """A complete fine-tune.
+
+    Args:
+        name: Short name.
+        description: One line shown by ``binarize recipes``.
+        model: The float model (overridable from the CLI).
+        policy: Which layers become binary.
+        data: Dataset and transforms.
+        method: ReCU's tau schedule.
+        stages: One or more training stages.
+        train: Execution settings.
+        version: Schema version.
+    """
+
+    name: str = "custom"
+    description: str = ""
+    model: ModelConfig = ModelConfig()
+    policy: Policy = Policy()
+    data: DataConfig = DataConfig()
+    method: MethodConfig = MethodConfig()
+    stages: tuple[StageConfig, ...] = (StageConfig(),)
+    train: TrainConfig = TrainConfig()
+    version: int = 1
+
+    def validate(self) -> None:
+        check(len(self.stages) >= 1, "stages", "a recipe needs at least one stage")
+        check(self.version == 1, "version", f"this binarize reads recipe version 1, got {self.version}")
+
+    @property
+    def epochs(self) -> int:
+        return sum(s.epochs for s in self.stages)
