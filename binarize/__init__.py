@@ -15,14 +15,16 @@ from binarize._version import __version__
 from binarize.conversion import Policy, Report, binarize_meta, convert, inspect, recalibrate_bn
 from binarize.engine import FinetuneResult, evaluate, finetune
 from binarize.errors import BinarizeError
-from binarize.files import load, save
+from binarize.files import load, run_record, save
 from binarize.models import create_model
+from binarize.nn import LayerOptions
 from binarize.recipes import Recipe, load_recipe
 
 __all__ = [
     "__version__",
     "BinarizeError",
     "FinetuneResult",
+    "LayerOptions",
     "Policy",
     "Recipe",
     "Report",
@@ -35,5 +37,6 @@ __all__ = [
     "load",
     "load_recipe",
     "recalibrate_bn",
+    "run_record",
     "save",
 ]

@@ -10,6 +10,7 @@ an error naming the nearest valid key, and a wrong type names the field and the 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
 from typing import Any, Literal, TypeVar, get_args, get_origin
@@ -33,11 +34,30 @@ class Config:
     """Base of binarize's frozen, validated configuration dataclasses."""
 
     def __post_init__(self) -> None:
+        # Every field is checked against its type hint, as from_dict checks a file: a wrong type or a value
+        # outside a Literal's choices is a ConfigError naming the field, whichever way the config was built.
+        # Lists become tuples where tuples are declared (instances stay hashable), ints become floats.
+        hints = _hints(type(self))
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, list):  # accept lists where tuples are declared, keep instances hashable
-                object.__setattr__(self, f.name, tuple(value))
+            try:
+                converted = _convert(value, hints[f.name], f.name)
+            except ConfigError:
+                self._validate_first()
+                raise
+            if converted is not value:
+                object.__setattr__(self, f.name, converted)
         self.validate()
+
+    def _validate_first(self) -> None:
+        """Runs :meth:`validate` on a config with a badly typed field: its own checks, where they apply,
+        say better what is wrong (``input_size: give [channels, height, width]``) than the type does."""
+        try:
+            self.validate()
+        except ConfigError:
+            raise
+        except Exception:  # noqa: BLE001 - checks written for well-typed values may fail otherwise
+            return
 
     def validate(self) -> None:
         """Checks field values; subclasses raise :class:`ConfigError` through :func:`check`."""
@@ -66,7 +86,7 @@ class Config:
         if not isinstance(data, dict):
             raise ConfigError(f"{label}: expected a mapping of settings, got {type(data).__name__}")
         fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-        hints = typing.get_type_hints(cls)
+        hints = _hints(cls)
         kwargs = {}
         for key, value in data.items():
             path = f"{where}.{key}" if where else str(key)
@@ -79,6 +99,11 @@ class Config:
             if where:
                 raise ConfigError(f"{where}.{err}") from None
             raise
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
 
 
 def _plain(value: Any) -> Any:
@@ -135,19 +160,31 @@ def _convert(value: Any, hint: Any, path: str) -> Any:
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(value) != len(args):
                 raise ConfigError(f"{path}: expected a list of {len(args)} values, got {len(value)}")
-            return tuple(_convert(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+            items = tuple(_convert(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+            return (
+                value if isinstance(value, tuple) and all(a is b for a, b in zip(items, value, strict=True)) else items
+            )
         item = args[0] if args else Any
-        return tuple(_convert(v, item, f"{path}[{i}]") for i, v in enumerate(value))
+        items = tuple(_convert(v, item, f"{path}[{i}]") for i, v in enumerate(value))
+        return value if isinstance(value, tuple) and all(a is b for a, b in zip(items, value, strict=True)) else items
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: expected a mapping, got {value!r}")
-        return dict(value)
+        args = get_args(hint)
+        if len(args) == 2 and args[1] is not Any:
+            converted = {k: _convert(v, args[1], f"{path}.{k}") for k, v in value.items()}
+            if all(converted[k] is value[k] for k in value):
+                return value
+            return converted
+        return value
     if isinstance(hint, type) and issubclass(hint, Config):
+        if isinstance(value, hint):
+            return value
         return hint.from_dict(value, path)
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
-        return float(value)
+        return value if type(value) is float else float(value)
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{path}: expected an integer, got {value!r}")

@@ -87,9 +87,15 @@ def messy_weights(tmp_path) -> tuple[Path, dict[str, torch.Tensor]]:
     return path, state
 
 
-def _api_report(spec: str, policy: binarize.Policy | None = None, size=(3, 32, 32), **kwargs) -> dict:
+def _api_report(
+    spec: str,
+    policy: binarize.Policy | None = None,
+    size=(3, 32, 32),
+    layer: binarize.LayerOptions | None = None,
+    **kwargs,
+) -> dict:
     model = binarize.create_model(spec, **kwargs)
-    return binarize.inspect(binarize.convert(model, policy, (torch.zeros(1, *size),))).to_dict()
+    return binarize.inspect(binarize.convert(model, policy, (torch.zeros(1, *size),), layer=layer)).to_dict()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -151,12 +157,14 @@ def test_policy_options_are_mapped_to_the_policy(workdir):
     policy = binarize.Policy(
         keep_first=False, keep_last=False, keep_depthwise=False, keep_grouped=False, keep_shortcut_1x1=False,
         keep_se=False, min_in_channels=2, keep=("layer3.*", "re:.*conv2"), binarize=("conv1",), activation="prelu",
-        shortcuts="bireal", shortcut_downsample="zero_pad", binarize_weights=False,
+        shortcuts="bireal", shortcut_downsample="zero_pad",
     )  # fmt: skip
+    layer = binarize.LayerOptions(binarize_weights=False)
     report = json.loads(result.stdout)
     assert report["summary"]["policy"] == policy.to_dict()
-    assert read_metadata(workdir / "p.safetensors")["policy"] == policy.to_dict()
-    assert report == _api_report("cifar_resnet20", policy)
+    assert read_metadata(workdir / "p.safetensors")["conversion"]["policy"] == policy.to_dict()
+    assert read_metadata(workdir / "p.safetensors")["conversion"]["layer"] == layer.to_dict()
+    assert report == _api_report("cifar_resnet20", policy, layer=layer)
     reasons = {e["name"]: e["reason"] for e in report["layers"]}
     assert reasons["conv1"] == "user rule binarize:conv1 (activations only)"
     assert (
@@ -324,9 +332,11 @@ def test_convert_has_an_option_for_every_policy_field():
 
     options = {p.name for p in typer.main.get_command(app).commands["convert"].params}
     spelled_differently = {"binarize": "binarize_rule", "binarize_weights": "activations_only", "version": None}
-    for field in dataclasses.fields(binarize.Policy):
+    for field in [*dataclasses.fields(binarize.Policy), *dataclasses.fields(binarize.LayerOptions)]:
         option = spelled_differently.get(field.name, field.name)
-        assert option is None or option in options, f"binarize convert has no option for Policy.{field.name}"
+        assert option is None or option in options or field.name == "tau", (
+            f"binarize convert has no option for {field.name}"
+        )
 
 
 def test_convert_activation_bias_option(tmp_path):
@@ -335,5 +345,5 @@ def test_convert_activation_bias_option(tmp_path):
         app, ["convert", "cifar_resnet20", "--no-pretrained", "--activation-bias", "-o", str(out), "--format", "json"]
     )
     assert result.exit_code == 0, result.output
-    assert read_metadata(out)["policy"]["activation_bias"] is True
+    assert read_metadata(out)["conversion"]["layer"]["activation_bias"] is True
     assert any(k.endswith(".activation_bias") for k in binarize.load(out).state_dict())

@@ -58,7 +58,7 @@ def snapshot(folder: Path) -> dict[str, tuple[int, bytes]]:
 
 
 def evaluate_file(path: Path, data_root: Path) -> dict[str, float]:
-    resolved = ResolvedData.from_dict(read_metadata(path)["extra"]["data"], "data")
+    resolved = ResolvedData.from_dict(read_metadata(path)["run"]["data"], "data")
     loader = DataLoader(build_datasets(DataConfig(workers=0), data_root, resolved).val, batch_size=8)
     return binarize.evaluate(binarize.load(path), loader, torch.device("cpu"))
 
@@ -247,7 +247,7 @@ def test_non_finite_loss(tiny_recipe_file, tiny_data, tmp_path):
     )
     assert_clean_error(result, r"the loss became non-finite in epoch 1 .*last good checkpoint is kept")
     model = binarize.load(out / "last.safetensors")  # epoch 0, the converted model
-    assert read_metadata(out / "last.safetensors")["extra"]["metrics"]["epoch"] == 0
+    assert read_metadata(out / "last.safetensors")["run"]["metrics"]["epoch"] == 0
     assert all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point())
     assert [r["epoch"] for r in read_metrics(out)] == [0]
 
@@ -267,7 +267,7 @@ def test_ctrl_c_saves_exits_130_and_resumes(tiny_recipe_file, tiny_data, tmp_pat
     message = assert_clean_error(finetune(tiny_recipe_file, tiny_data, out), r"interrupted in stage 'main'", code=130)
     assert "interrupted.safetensors" in message
     binarize.load(out / "interrupted.safetensors")
-    assert read_metadata(out / "last.safetensors")["extra"]["metrics"]["epoch"] == 1
+    assert read_metadata(out / "last.safetensors")["run"]["metrics"]["epoch"] == 1
     last = load_file(out / "last.safetensors")
     monkeypatch.undo()
     result = finetune(tiny_recipe_file, tiny_data, out, "--resume")
@@ -340,7 +340,7 @@ def test_two_process_gloo_run(two_stage_recipe_file, make_images, tmp_path):
     assert records[1]["images_per_s"] > 0 and records[1]["train_loss"] > 0
     # the summed metrics are those of the saved model on the whole validation set
     for name in ("best.safetensors", "last.safetensors"):
-        logged = read_metadata(out / name)["extra"]["metrics"]
+        logged = read_metadata(out / name)["run"]["metrics"]
         metrics = evaluate_file(out / name, data)
         assert metrics["images"] == 9
         assert metrics["top1"] == logged["val_top1"]
@@ -368,7 +368,7 @@ def test_two_process_run_stops_cleanly_on_a_non_finite_loss(tiny_recipe_file, ma
     assert len(re.findall(r"error: the (validation )?loss became non-finite in epoch 1", proc.stderr)) == 2, proc.stderr
     assert proc.stderr.count("error:") == 2
     assert [r["epoch"] for r in read_metrics(out)] == [0]
-    logged = read_metadata(out / "last.safetensors")["extra"]["metrics"]
+    logged = read_metadata(out / "last.safetensors")["run"]["metrics"]
     metrics = evaluate_file(out / "last.safetensors", data)
     assert (logged["epoch"], logged["val_images"], metrics["images"]) == (0, 9, 9)
     assert metrics["top1"] == logged["val_top1"]

@@ -214,7 +214,7 @@ def case(request) -> Case:
 
 def test_converts_traced_and_keeps_the_output_shape(case):
     assert isinstance(case.binary, fx.GraphModule)
-    assert binarize.binarize_meta(case.binary)["traced"] is True
+    assert binarize.binarize_meta(case.binary).traced is True
     assert any(isinstance(m, ReCUConv2d) for m in case.binary.modules())
     with torch.no_grad():
         out = case.binary(case.x)
@@ -309,8 +309,8 @@ def test_report_agrees_with_the_module_types(case):
         assert entry.reason != "not converted", entry
         assert not binary or entry.macs > 0, entry
     meta = binarize.binarize_meta(case.binary)
-    assert {n: r["decision"] for n, r in meta["layers"].items()} == {e.name: e.decision for e in report.layers}
-    s = report.summary
+    assert {n: r.decision for n, r in meta.layers.items()} == {e.name: e.decision for e in report.layers}
+    s = report.to_dict()["summary"]
     assert s["binary_convs"] == sum(isinstance(m, ReCUConv2d) for m in layers.values()) > 0
     assert s["float_convs"] == sum(isinstance(m, nn.Conv2d) and not isinstance(m, ReCUConv2d) for m in layers.values())
     assert s["float_linears"] == sum(isinstance(m, nn.Linear) for m in layers.values())
@@ -325,13 +325,13 @@ def test_convs_inside_untraceable_leaf_modules_stay_float():
     binary = binarize.convert(build("mobilevit_xxs").eval(), example_inputs=(torch.randn(1, 3, 64, 64),))
     leaves = [n for n, m in binary.named_modules() if type(m).__name__ == "MobileVitBlock"]
     assert leaves
-    layers = binarize.binarize_meta(binary)["layers"]
+    layers = binarize.binarize_meta(binary).layers
     inside = [n for n in layers if any(n.startswith(leaf + ".") for leaf in leaves)]
     assert len(inside) >= 4 * len(leaves)
     for name in inside:
         assert not isinstance(binary.get_submodule(name), ReCUConv2d), name
         if isinstance(binary.get_submodule(name), nn.Conv2d):
-            assert layers[name]["reason"] == "unsupported: inside MobileVitBlock, which torch.fx does not trace into"
+            assert layers[name].reason == "unsupported: inside MobileVitBlock, which torch.fx does not trace into"
     assert sum(isinstance(m, ReCUConv2d) for m in binary.modules()) >= 10  # the MobileNetV2 blocks around them
 
 
@@ -440,7 +440,7 @@ def test_example_inputs_may_be_one_tensor_and_wrappers_are_unwrapped():
     model = TwoConv()
     binary = binarize.convert(nn.DataParallel(model), example_inputs=torch.randn(1, 3, 12, 12))
     meta = binarize.binarize_meta(binary)
-    assert meta["input_size"] == [3, 12, 12] and sorted(meta["layers"]) == ["conv1", "conv2", "fc"]
+    assert meta.input_size == (3, 12, 12) and sorted(meta.layers) == ["conv1", "conv2", "fc"]
     assert binarize.binarize_meta(nn.DataParallel(binary)) is meta
     assert binarize.inspect(nn.DataParallel(binary)).to_dict() == binarize.inspect(binary).to_dict()
 
@@ -454,7 +454,7 @@ def test_split_activation_keeps_the_float_consumer_values():
         h = bn_eval(model.bn1, F.conv2d(x, model.conv1.weight, padding=1))
         expected = _head(model, bn_eval(model.bn2, sign_conv(binary.conv2, F.hardtanh(h))) + F.relu(h))
         torch.testing.assert_close(binary(x), expected, rtol=1e-5, atol=1e-5)
-    assert binarize.binarize_meta(binary)["activations_replaced"] == ["act"]
+    assert binarize.binarize_meta(binary).activations_replaced == ("act",)
 
 
 class ReluThenNorm(nn.Module):
@@ -543,8 +543,8 @@ def test_activation_options(activation, expected_type):
         if activation == "hardtanh":
             assert (module.min_val, module.max_val) == (-1.0, 1.0)
         torch.testing.assert_close(seen[0], module(h))
-    replaced = binarize.binarize_meta(binary)["activations_replaced"]
-    assert replaced == ([] if activation == "keep" else ["act"])
+    replaced = binarize.binarize_meta(binary).activations_replaced
+    assert replaced == (() if activation == "keep" else ("act",))
 
 
 def test_fused_batchnorm_act_is_split_and_rewritten():
@@ -648,9 +648,9 @@ def test_untraceable_model_is_converted_by_module_name():
     binary = binarize.convert(model, example_inputs=(x[:1],))
     assert not isinstance(binary, fx.GraphModule) and isinstance(binary, Untraceable)
     meta = binarize.binarize_meta(binary)
-    assert meta["traced"] is False
-    assert meta["trace_error"].startswith("TraceError: ") and "control flow" in meta["trace_error"]
-    assert {n: r["reason"] for n, r in meta["layers"].items()} == {
+    assert meta.traced is False
+    assert meta.trace_error.startswith("TraceError: ") and "control flow" in meta.trace_error
+    assert {n: r.reason for n, r in meta.layers.items()} == {
         "conv1": "first conv",
         "conv2": "binarized",
         "conv3": "binarized",
@@ -660,7 +660,7 @@ def test_untraceable_model_is_converted_by_module_name():
     assert isinstance(binary.conv2, ReCUConv2d) and isinstance(binary.conv3, ReCUConv2d)
     # relu1 feeds conv2; relu2 feeds conv3 through the max-pool; relu3 feeds only the float head
     assert type(binary.relu1) is nn.Hardtanh and type(binary.relu2) is nn.Hardtanh and type(binary.relu3) is nn.ReLU
-    assert sorted(meta["activations_replaced"]) == ["relu1", "relu2"]
+    assert sorted(meta.activations_replaced) == ["relu1", "relu2"]
     assert isinstance(model.relu1, nn.ReLU)  # the input model is untouched
     binary.eval()
     with torch.no_grad():
@@ -671,8 +671,8 @@ def test_untraceable_model_is_converted_by_module_name():
     binary.train()
     binary(x).sum().backward()
     assert all(p.grad is not None for p in binary.parameters())
-    summary = binarize.inspect(binary).summary
-    assert summary["traced"] is False and summary["trace_error"] == meta["trace_error"]
+    summary = binarize.inspect(binary).to_dict()["summary"]
+    assert summary["traced"] is False and summary["trace_error"] == meta.trace_error
     assert (summary["binary_convs"], summary["float_convs"], summary["float_linears"]) == (2, 1, 1)
 
 
@@ -697,7 +697,7 @@ def test_bireal_shortcut_around_every_binary_conv_of_a_resnet():
     for mode in ("avgpool_conv", "zero_pad"):
         binary = binarize.convert(model, binarize.Policy(shortcuts="bireal", shortcut_downsample=mode), (x[:1],))
         convs = [n for n, m in binary.named_modules() if isinstance(m, ReCUConv2d)]
-        shortcuts = binarize.binarize_meta(binary)["shortcuts"]
+        shortcuts = binarize.binarize_meta(binary).shortcuts
         assert sorted(shortcuts) == sorted(convs) and len(convs) == 18
         assert sum(isinstance(m, BiRealShortcut) for m in binary.modules()) == len(convs)
         down = binary.get_submodule(shortcuts["layer2.0.conv1"])  # 16 -> 32 channels, stride 2
@@ -706,7 +706,7 @@ def test_bireal_shortcut_around_every_binary_conv_of_a_resnet():
         with torch.no_grad():
             assert binary.eval()(x).shape == (2, 10)
         report = binarize.inspect(binary)
-        assert report.summary["shortcuts_added"] == 18
+        assert report.to_dict()["summary"]["shortcuts_added"] == 18
         if mode == "avgpool_conv":
             entry = next(e for e in report.layers if e.name == shortcuts["layer2.0.conv1"] + ".conv")
             assert (entry.decision, entry.reason) == ("float", "Bi-Real shortcut of layer2.0.conv1")
@@ -738,7 +738,7 @@ def test_bireal_with_zeroed_shortcut_equals_no_shortcut():
     x = torch.randn(2, 3, 12, 12)
     plain = binarize.convert(model, binarize.Policy(), (x[:1],)).eval()
     bireal = binarize.convert(model, binarize.Policy(shortcuts="bireal"), (x[:1],)).eval()
-    shortcut = bireal.get_submodule(binarize.binarize_meta(bireal)["shortcuts"]["conv2"])
+    shortcut = bireal.get_submodule(binarize.binarize_meta(bireal).shortcuts["conv2"])
     with torch.no_grad():
         assert not torch.allclose(bireal(x), plain(x))
         shortcut.conv.weight.zero_()
@@ -753,9 +753,9 @@ def test_zero_pad_shortcut_is_not_added_where_channels_shrink():
     )  # fmt: skip
     x = (torch.randn(1, 3, 8, 8),)
     zero_pad = binarize.convert(model, binarize.Policy(shortcuts="bireal", shortcut_downsample="zero_pad"), x)
-    assert sorted(binarize.binarize_meta(zero_pad)["shortcuts"]) == ["6"]
+    assert sorted(binarize.binarize_meta(zero_pad).shortcuts) == ["6"]
     avgpool = binarize.convert(model, binarize.Policy(shortcuts="bireal"), x)
-    assert sorted(binarize.binarize_meta(avgpool)["shortcuts"]) == ["3", "6"]
+    assert sorted(binarize.binarize_meta(avgpool).shortcuts) == ["3", "6"]
     assert zero_pad(x[0]).shape == avgpool(x[0]).shape == (1, 10)
 
 

@@ -59,12 +59,12 @@ def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
 
 
 def file_metrics(path: Path) -> dict:
-    return read_metadata(path)["extra"]["metrics"]
+    return read_metadata(path)["run"]["metrics"]
 
 
 def val_loader(model_file: Path, data_root: Path, batch_size: int = 8) -> DataLoader:
     """The validation images prepared as the run that wrote ``model_file`` prepared them."""
-    resolved = ResolvedData.from_dict(read_metadata(model_file)["extra"]["data"], "data")
+    resolved = ResolvedData.from_dict(read_metadata(model_file)["run"]["data"], "data")
     return DataLoader(build_datasets(DataConfig(workers=0), data_root, resolved).val, batch_size=batch_size)
 
 
@@ -308,9 +308,9 @@ def test_ctrl_c_while_checkpointing_waits_for_the_checkpoint(straight_run, tiny_
     run_dir = tmp_path / "run"
     real_save = loop.save
 
-    def save(model, path, *, force=False, extra=None):
-        written = real_save(model, path, force=force, extra=extra)
-        if path.name == "last.safetensors" and extra["metrics"]["epoch"] == 2:
+    def save(model, path, *, force=False, run=None):
+        written = real_save(model, path, force=force, run=run)
+        if path.name == "last.safetensors" and run.metrics["epoch"] == 2:
             os.kill(os.getpid(), signal.SIGINT)  # between last.safetensors and state.pt
         return written
 
@@ -405,7 +405,7 @@ def test_stages_switch_weight_binarization(two_stage_run, tiny_data):
         model = binarize.load(path)
         convs = [m for m in model.modules() if isinstance(m, ReCUConv2d)]
         assert len(convs) == 2 and all(m.binarize_weights is flag for m in convs)
-        assert read_metadata(path)["policy"]["binarize_weights"] is flag
+        assert read_metadata(path)["conversion"]["layer"]["binarize_weights"] is flag
         record = file_metrics(path)
         assert record["epoch"] == epoch
         metrics = binarize.evaluate(model, val_loader(path, tiny_data), torch.device("cpu"))

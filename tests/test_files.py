@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from torch import nn
 import binarize
 from binarize.errors import BinarizeError, FileFormatError, WeightsError
 from binarize.files import FORMAT_VERSION, atomic_write, read_metadata
+from binarize.nn import ReCUConv2d
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 RESNET20 = SHARED / "models" / "cifar10-resnet20-12fca82f.th"
@@ -85,11 +87,11 @@ def test_round_trip_zoo_model_with_the_real_checkpoint(tmp_path):
     file_weights = torch.load(RESNET20, map_location="cpu", weights_only=True)["state_dict"]
     assert torch.equal(float_model.conv1.weight, file_weights["module.conv1.weight"])
     x = torch.randn(4, 3, 32, 32)
-    policy = binarize.Policy(shortcuts="bireal", shortcut_downsample="zero_pad", activation_bias=True)
-    binary = binarize.convert(float_model, policy, (x[:1],))
+    policy = binarize.Policy(shortcuts="bireal", shortcut_downsample="zero_pad")
+    binary = binarize.convert(float_model, policy, (x[:1],), layer=binarize.LayerOptions(activation_bias=True))
     binarize.recalibrate_bn(binary, [torch.randn(16, 3, 32, 32) for _ in range(2)])
     loaded = _round_trip(binary, tmp_path / "resnet20.safetensors", x)
-    assert len(binarize.binarize_meta(loaded)["shortcuts"]) == 18
+    assert len(binarize.binarize_meta(loaded).shortcuts) == 18
     biases = [k for k in loaded.state_dict() if k.endswith(".activation_bias")]
     assert len(biases) == 18 and all(loaded.state_dict()[k].any() for k in biases)
 
@@ -132,7 +134,7 @@ class Untraceable(nn.Module):
 def test_round_trip_untraceable_model(tmp_path):
     x = torch.randn(2, 3, 8, 8)
     binary = binarize.convert(Untraceable(), binarize.Policy(activation="prelu"), (x[:1],))
-    assert binarize.binarize_meta(binary)["traced"] is False and isinstance(binary.act, nn.PReLU)
+    assert binarize.binarize_meta(binary).traced is False and isinstance(binary.act, nn.PReLU)
     _round_trip(binary, tmp_path / "untraced.safetensors", x, model=Untraceable())
 
 
@@ -173,11 +175,12 @@ def test_file_is_plain_safetensors_with_json_metadata(tmp_path):
         "format_version": FORMAT_VERSION,
         "library_version": binarize.__version__,
         "source": {"spec": "cifar_resnet20", "num_classes": None},
-        "policy": binarize.Policy().to_dict(),
-        "input_size": [3, 32, 32],
-        "extra": {"top1": 0.5, "note": "ok"},
+        "conversion": binarize.binarize_meta(binary).to_dict(),
+        "run": {"metrics": {}, "data": None, "classes": None, "extra": {"top1": 0.5, "note": "ok"}},
     }
-    assert binarize.binarize_meta(binarize.load(path))["extra"] == {"top1": 0.5, "note": "ok"}
+    assert document["conversion"]["policy"] == binarize.Policy().to_dict()
+    assert document["conversion"]["input_size"] == [3, 32, 32]
+    assert binarize.run_record(binarize.load(path)).extra == {"top1": 0.5, "note": "ok"}
 
 
 def test_refuses_to_overwrite_without_force(tmp_path):
@@ -279,8 +282,81 @@ def test_weights_that_do_not_fit_the_recorded_policy(tmp_path):
     binary = binarize.convert(binarize.create_model("cifar_resnet20"), example_inputs=(torch.zeros(1, 3, 32, 32),))
     path = binarize.save(binary, tmp_path / "m.safetensors")
     document = read_metadata(path)
-    document["policy"]["shortcuts"] = "bireal"  # the tensors no longer match what the policy rebuilds
+    document["conversion"]["policy"]["shortcuts"] = "bireal"  # the tensors no longer match what the policy rebuilds
     _write(tmp_path / "tampered.safetensors", load_file(str(path)), {"binarize": json.dumps(document)})
     expected = "weights do not fit the model: 2 missing (layer2.0.conv1_shortcut.conv.weight, layer3.0.conv1_shortcut"
     with pytest.raises(WeightsError, match=expected.replace(".", "\\.").replace("(", "\\(")):
         binarize.load(tmp_path / "tampered.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Files written before the typed record (format version 1)
+
+DATA = Path(__file__).parent / "data"
+
+
+class V1Net(nn.Module):
+    """The tiny model tests/data/v1-*.safetensors were converted from (by binarize before format version 2)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(8)
+        self.act0 = nn.ReLU()
+        self.conv1 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.act1 = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.act0(self.bn0(self.stem(x)))
+        x = self.act1(self.bn1(self.conv1(x)))
+        return self.fc(self.pool(x).flatten(1))
+
+
+@pytest.mark.parametrize(
+    ("name", "binarize_weights", "activation_bias"),
+    [("activations_only", False, True), ("binary", True, False)],
+)
+def test_files_of_format_version_1_still_load(name, binarize_weights, activation_bias):
+    path = DATA / f"v1-{name.replace('_', '-')}.safetensors"
+    assert read_metadata(path)["format_version"] == 1
+    header = binarize.files.read_header(path)
+    assert header.layer == binarize.LayerOptions(binarize_weights=binarize_weights, activation_bias=activation_bias)
+    model = binarize.load(path, model=V1Net())
+    convs = [m for m in model.modules() if isinstance(m, ReCUConv2d)]
+    assert len(convs) == 1 and convs[0].binarize_weights is binarize_weights
+    assert (convs[0].activation_bias is not None) is activation_bias
+    expected = load_file(str(DATA / "v1-expected.safetensors"))
+    assert torch.equal(model(expected["input"]), expected[name])  # the same outputs as before the change
+    run = binarize.run_record(model)
+    if name == "activations_only":  # the engine's extra: metrics, data settings and classes became fields
+        assert run.metrics == {"epoch": 1, "val_top1": 50.0} and run.classes == ("a", "b", "c")
+        assert run.data.input_size == (3, 8, 8) and run.extra == {}
+    else:  # a user's extra stays extra
+        assert run.extra == {"top1": 0.5, "note": "ok"} and run.data is None
+    resaved = binarize.save(model, Path(tempfile.mkdtemp()) / "v2.safetensors")
+    assert read_metadata(resaved)["format_version"] == FORMAT_VERSION
+    assert torch.equal(binarize.load(resaved, model=V1Net())(expected["input"]), expected[name])
+
+
+def test_output_path_problems_are_one_line_errors(tmp_path):
+    binary = binarize.convert(V1Net(), example_inputs=(torch.zeros(1, 3, 8, 8),))
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "dir").mkdir()
+    cases = {
+        tmp_path / "file" / "m.safetensors": "is a file, not a directory",
+        tmp_path / "file" / "sub" / "m.safetensors": "is a file, not a directory",
+        tmp_path / "dir": "is a directory",
+        Path("/proc/m.safetensors"): "cannot write",
+    }
+    for path, message in cases.items():
+        with pytest.raises(BinarizeError, match=message) as info:
+            binarize.save(binary, path, force=True)
+        assert "\n" not in str(info.value)
+
+
+def test_a_directory_is_not_a_model_file(tmp_path):
+    with pytest.raises(FileFormatError, match="is a directory, not a model file"):
+        binarize.load(tmp_path)

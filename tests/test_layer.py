@@ -22,7 +22,7 @@ from reference_recu import WEIGHT_SCALE, RefStats, reference_conv, sign_pm1
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from binarize.nn import ReCUConv2d
+from binarize.nn import LayerOptions, ReCUConv2d
 
 REL_TOL = 1e-9
 TAUS = [0.6, 0.85, 0.95, 0.99, 1.0]
@@ -753,7 +753,7 @@ def test_from_float_matches_reference() -> None:
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_activation_bias_is_a_shift_of_the_input(training: bool) -> None:
     conv = nn.Conv2d(4, 6, 3, padding=1, bias=True).double()
-    with_bias = ReCUConv2d.from_float(conv, learn_activation_bias=True).train(training)
+    with_bias = ReCUConv2d.from_float(conv, options=LayerOptions(activation_bias=True)).train(training)
     plain = ReCUConv2d.from_float(conv).train(training)
     assert with_bias.activation_bias.shape == (4,) and not with_bias.activation_bias.any()
     assert plain.activation_bias is None and "learn_activation_bias" in repr(with_bias)
@@ -778,10 +778,10 @@ def test_activation_bias_is_a_shift_of_the_input(training: bool) -> None:
 
 
 def test_activation_bias_survives_state_dict_and_casts() -> None:
-    layer = ReCUConv2d.from_float(nn.Conv2d(3, 4, 3), learn_activation_bias=True)
+    layer = ReCUConv2d.from_float(nn.Conv2d(3, 4, 3), options=LayerOptions(activation_bias=True))
     with torch.no_grad():
         layer.activation_bias.fill_(0.25)
-    copy_ = ReCUConv2d.from_float(nn.Conv2d(3, 4, 3), learn_activation_bias=True)
+    copy_ = ReCUConv2d.from_float(nn.Conv2d(3, 4, 3), options=LayerOptions(activation_bias=True))
     copy_.load_state_dict(layer.state_dict())
     assert torch.equal(copy_.activation_bias, layer.activation_bias)
     assert layer.bfloat16().activation_bias.dtype == torch.bfloat16

@@ -15,7 +15,7 @@ from torch import nn
 import binarize
 from binarize.conversion.policy import Decision, LayerFacts, Policy, decide
 from binarize.errors import BinarizeError, ConfigError
-from binarize.nn import ReCUConv2d
+from binarize.nn import LayerOptions, ReCUConv2d
 
 CONV_TYPES = ("Conv2d", "_ConvNd", "Module", "object")
 
@@ -157,7 +157,8 @@ def test_linear_layers_stay_float_whatever_the_rules():
         ({"keep_first": "yes"}, "policy.keep_first: expected true or false, got 'yes'"),
         ({"min_in_channels": -1}, "policy.min_in_channels: must be >= 0"),
         ({"min_in_channels": 1.5}, "policy.min_in_channels: expected an integer"),
-        ({"version": 2}, "policy.version: this binarize reads Policy version 1, got 2"),
+        ({"version": 3}, "policy.version: this binarize reads Policy version 2, got 3"),
+        ({"binarize_weights": False}, "policy.binarize_weights: this setting moved to the layer options"),
     ],
 )
 def test_from_dict_rejects_bad_input(data, message):
@@ -215,14 +216,28 @@ def test_to_dict_from_dict_round_trip():
         activation="prelu",
         shortcuts="bireal",
         shortcut_downsample="zero_pad",
-        binarize_weights=False,
-        activation_bias=True,
     )
     data = policy.to_dict()
     assert data["keep"] == ["layer4.*", "re:.*downsample\\.0$"] and isinstance(data["binarize"], list)
     assert Policy.from_dict(data) == policy
     assert Policy.from_dict(json.loads(json.dumps(data))) == policy
     assert Policy.from_dict({}) == Policy() and Policy.from_dict(Policy().to_dict()) == Policy()
+
+
+def test_layer_options_round_trip_and_validation():
+    options = LayerOptions(binarize_weights=False, activation_bias=True, tau=0.9)
+    assert LayerOptions.from_dict(json.loads(json.dumps(options.to_dict()))) == options
+    with pytest.raises(ConfigError, match="^tau: must lie in"):
+        LayerOptions(tau=0.2)
+    with pytest.raises(ConfigError, match="^layer.activation_bias: expected true or false"):
+        LayerOptions.from_dict({"activation_bias": "yes"}, "layer")
+
+
+def test_constructor_checks_types_like_from_dict():
+    with pytest.raises(ConfigError, match="^min_in_channels: expected an integer, got '8'$"):
+        Policy(min_in_channels="8")
+    with pytest.raises(ConfigError, match="^activation: must be one of"):
+        Policy(activation="tanh")
 
 
 _rules = st.lists(st.sampled_from(["layer1.*", "re:.*conv2", "type:Conv2d", "fc", "stem.conv"]), unique=True)
@@ -233,13 +248,12 @@ _rules = st.lists(st.sampled_from(["layer1.*", "re:.*conv2", "type:Conv2d", "fc"
     keep=_rules,
     activation=st.sampled_from(["hardtanh", "identity", "prelu", "keep"]),
     shortcuts=st.sampled_from(["none", "bireal"]),
-    flags=st.lists(st.booleans(), min_size=7, max_size=7),
+    flags=st.lists(st.booleans(), min_size=6, max_size=6),
     min_in=st.integers(0, 1024),
 )
 def test_round_trip_property(keep, activation, shortcuts, flags, min_in):
     policy = Policy(
-        *flags[:6], min_in_channels=min_in, keep=keep, activation=activation, shortcuts=shortcuts,
-        binarize_weights=flags[6],
+        *flags, min_in_channels=min_in, keep=keep, activation=activation, shortcuts=shortcuts,
     )  # fmt: skip
     assert Policy.from_dict(json.loads(json.dumps(policy.to_dict()))) == policy
 
@@ -276,8 +290,10 @@ class Structures(nn.Module):
         return self.fc(y.mean((2, 3)))
 
 
-def _reasons(policy: Policy | None = None, model: nn.Module | None = None, size: int = 8) -> dict[str, str]:
-    binary = binarize.convert(model or Structures(), policy, (torch.randn(1, 3, size, size),))
+def _reasons(
+    policy: Policy | None = None, model: nn.Module | None = None, size: int = 8, layer: LayerOptions | None = None
+) -> dict[str, str]:
+    binary = binarize.convert(model or Structures(), policy, (torch.randn(1, 3, size, size),), layer=layer)
     reasons = {e.name: e.reason for e in binarize.inspect(binary).layers}
     for e in binarize.inspect(binary).layers:  # the reason and the module type agree
         assert isinstance(binary.get_submodule(e.name), ReCUConv2d) == (e.decision == "binary")
@@ -321,7 +337,7 @@ def test_switching_the_defaults_off():
 
 
 def test_activations_only_reason():
-    reasons = _reasons(Policy(binarize_weights=False))
+    reasons = _reasons(layer=LayerOptions(binarize_weights=False))
     assert reasons["conv_a"] == "binarized (activations only)"
 
 

@@ -10,6 +10,7 @@ import yaml
 import binarize
 from binarize.conversion.policy import Policy
 from binarize.errors import ConfigError
+from binarize.nn import DEFAULT_TAU, LayerOptions
 from binarize.recipes import (
     DistillConfig,
     MethodConfig,
@@ -224,3 +225,29 @@ def test_bad_overrides(override, message):
     with pytest.raises(ConfigError, match=message) as err:
         load_recipe("cifar10-resnet20-posthoc", [override])
     assert "\n" not in str(err.value)
+
+
+# ---------------------------------------------------------------------------------------------------
+# One owner per setting: the layer options, the stages and the tau schedule
+
+
+def test_weight_binarization_is_switched_by_the_stages_only():
+    two_stage = Recipe(stages=(StageConfig(binarize_weights=False), StageConfig()))
+    assert two_stage.layer_options(0).binarize_weights is False and two_stage.layer_options(1).binarize_weights
+    with pytest.raises(ConfigError, match=r"^layer\.binarize_weights: is false but stages\.0\.binarize_weights"):
+        Recipe.from_dict({"layer": {"binarize_weights": False}})
+    assert Recipe.from_dict({"layer": {"binarize_weights": False}, "stages": [{"binarize_weights": False}]})
+
+
+def test_a_policy_setting_that_moved_says_where_it_went():
+    with pytest.raises(ConfigError, match=r"^policy\.binarize_weights: this setting moved to the layer options"):
+        Recipe.from_dict({"policy": {"binarize_weights": False}})
+    assert load_recipe("cifar10-resnet20-posthoc", ["layer.activation_bias=true"]).layer_options().activation_bias
+
+
+def test_the_tau_schedule_sets_tau():
+    assert MethodConfig().tau_min == DEFAULT_TAU
+    recipe = Recipe(method=MethodConfig(tau_min=0.9, tau_max=0.99))
+    assert recipe.layer_options().tau == 0.9
+    with pytest.raises(ConfigError, match=r"^layer\.tau: is 0\.95 but the tau schedule starts at method\.tau_min"):
+        Recipe(layer=LayerOptions(tau=0.95))

@@ -52,9 +52,11 @@ PARAMS = 16 * 27 + 2 * 16 + (16 * 9 + 16) + CONV2_WEIGHTS + 32 + 2 * 32 + (320 +
 BUFFERS = 2 * 16 + 2 * 32  # running mean and var; tau and num_batches_tracked not counted
 
 
-def _convert(policy: binarize.Policy | None = None, head: type[nn.Linear] = nn.Linear) -> nn.Module:
+def _convert(
+    policy: binarize.Policy | None = None, head: type[nn.Linear] = nn.Linear, layer: binarize.LayerOptions | None = None
+) -> nn.Module:
     torch.manual_seed(0)
-    return binarize.convert(Small(head), policy, (torch.randn(1, 3, 8, 8),))
+    return binarize.convert(Small(head), policy, (torch.randn(1, 3, 8, 8),), layer=layer)
 
 
 def test_layers_of_a_converted_model():
@@ -68,7 +70,7 @@ def test_layers_of_a_converted_model():
 
 
 def test_summary_counts_by_hand():
-    summary = binarize.inspect(_convert()).summary
+    summary = binarize.inspect(_convert()).to_dict()["summary"]
     flops = CONV1_MACS + DW_MACS + FC_MACS
     fp32_bytes = 4 * (PARAMS + BUFFERS)
     assert {k: summary[k] for k in ("binary_convs", "float_convs", "float_linears", "bops", "flops")} == {
@@ -94,31 +96,31 @@ def test_packed_size_rounds_each_binary_layer_up_to_whole_bytes():
         nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Conv2d(8, 3, 3, bias=False), nn.BatchNorm2d(3), nn.Conv2d(3, 4, 1)
     )
     binary = binarize.convert(model, binarize.Policy(min_in_channels=0), (torch.randn(1, 3, 8, 8),))
-    summary = binarize.inspect(binary).summary
+    summary = binarize.inspect(binary).to_dict()["summary"]
     assert summary["binary_convs"] == 1
     bits = 3 * 8 * 3 * 3  # 216 weights: 27 bytes
     assert summary["fp32_bytes"] - summary["packed_bytes"] == 4 * bits - 27
     odd = binarize.convert(nn.Sequential(nn.Conv2d(3, 9, 1), nn.Conv2d(9, 1, 1), nn.Conv2d(1, 2, 1)),
                            binarize.Policy(min_in_channels=0), (torch.randn(1, 3, 4, 4),))  # fmt: skip
-    summary = binarize.inspect(odd).summary
+    summary = binarize.inspect(odd).to_dict()["summary"]
     assert summary["fp32_bytes"] - summary["packed_bytes"] == 4 * 9 - 2  # 9 weights take 2 bytes
 
 
 def test_activations_only_layers_are_not_packed():
-    summary = binarize.inspect(_convert(binarize.Policy(binarize_weights=False))).summary
+    summary = binarize.inspect(_convert(layer=binarize.LayerOptions(binarize_weights=False))).to_dict()["summary"]
     assert summary["packed_bytes"] == summary["fp32_bytes"] == 4 * (PARAMS + BUFFERS)
     assert summary["bops"] == CONV2_MACS  # activations are binary: the MACs are still counted as binary
 
 
 def test_example_inputs_override_the_recorded_size():
     report = binarize.inspect(_convert(), (torch.randn(1, 3, 16, 16),))
-    assert report.summary["input_size"] == [3, 16, 16]
-    assert report.summary["bops"] == 4 * CONV2_MACS
+    assert report.summary.input_size == [3, 16, 16]
+    assert report.to_dict()["summary"]["bops"] == 4 * CONV2_MACS
     assert binarize.inspect(_convert(), torch.randn(2, 3, 16, 16)) == report  # one tensor; MACs per image
 
 
 def test_linear_subclasses_are_counted_as_linear_layers():
-    summary = binarize.inspect(_convert(head=HeadLinear)).summary
+    summary = binarize.inspect(_convert(head=HeadLinear)).to_dict()["summary"]
     assert (summary["binary_convs"], summary["float_convs"], summary["float_linears"]) == (1, 2, 1)
 
 
@@ -126,11 +128,11 @@ def test_bireal_and_prelu_parameters_are_counted():
     binary = _convert(binarize.Policy(shortcuts="bireal", activation="prelu"))
     report = binarize.inspect(binary)
     shortcut_conv = 32 * 16  # 16 -> 32 channels: a float 1x1 conv
-    assert report.summary["params"] == PARAMS + shortcut_conv + 16  # + PReLU slopes
-    assert report.summary["shortcuts_added"] == 1
+    assert report.to_dict()["summary"]["params"] == PARAMS + shortcut_conv + 16  # + PReLU slopes
+    assert report.to_dict()["summary"]["shortcuts_added"] == 1
     entry = next(e for e in report.layers if e.name.endswith("_shortcut.conv"))
     assert (entry.decision, entry.reason, entry.macs) == ("float", "Bi-Real shortcut of conv2", 32 * 8 * 8 * 16)
-    assert report.summary["flops"] == CONV1_MACS + DW_MACS + FC_MACS + entry.macs
+    assert report.to_dict()["summary"]["flops"] == CONV1_MACS + DW_MACS + FC_MACS + entry.macs
 
 
 def test_an_unconverted_model_is_described_by_its_types():
@@ -142,14 +144,14 @@ def test_an_unconverted_model_is_described_by_its_types():
         ("unused", "float", "not converted", 0),
         ("fc", "float", "not converted", FC_MACS),
     ]
-    s = report.summary
+    s = report.to_dict()["summary"]
     assert (s["traced"], s["policy"], s["binary_convs"], s["bops"], s["binary_mac_fraction"]) == (None, None, 0, 0, 0.0)
     assert s["packed_bytes"] == s["fp32_bytes"]
 
 
 def test_inspect_default_input_size():
     report = binarize.inspect(Small())  # no meta and no timm config: one 3x224x224 image
-    assert report.summary["input_size"] == [3, 224, 224]
+    assert report.to_dict()["summary"]["input_size"] == [3, 224, 224]
     assert report.layers[0].macs == 16 * 224 * 224 * 27
 
 

@@ -33,7 +33,7 @@ def render_report(report: Report, console, title: str = "binarize") -> None:
         style = "green" if e.decision == "binary" else None
         layers.add_row(e.name, e.op, "x".join(map(str, e.shape)), e.decision, e.reason, _count(e.macs), style=style)
     console.print(layers)
-    s = report.summary
+    s = report.summary.to_dict()
     summary = Table(title=f"{title}: summary", show_header=False)
     summary.add_column("what")
     summary.add_column("value", justify="right")
@@ -50,6 +50,8 @@ def render_report(report: Report, console, title: str = "binarize") -> None:
     ]
     if s.get("trace_error"):
         rows.append(("trace error", s["trace_error"]))
+    for warning in s.get("warnings", ()):
+        rows.append(("warning", warning))
     for row in rows:
         summary.add_row(*row)
     console.print(summary)

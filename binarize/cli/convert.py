@@ -12,6 +12,7 @@ from binarize._utils import default_example_inputs
 from binarize.cli._common import FormatOption, OutputFormat, console, errors_as_one_line, parse_input_size, print_json
 from binarize.cli._common import stderr as err_console
 from binarize.cli._report import render_report
+from binarize.nn import LayerOptions
 
 __all__ = ["convert_command", "policy_from_options", "model_from_options"]
 
@@ -39,8 +40,6 @@ def policy_from_options(
     activation: str,
     shortcuts: str,
     shortcut_downsample: str,
-    activations_only: bool,
-    activation_bias: bool = False,
 ) -> binarize.Policy:
     return binarize.Policy.from_dict(
         {
@@ -56,8 +55,6 @@ def policy_from_options(
             "activation": activation,
             "shortcuts": shortcuts,
             "shortcut_downsample": shortcut_downsample,
-            "binarize_weights": not activations_only,
-            "activation_bias": activation_bias,
         },
         "policy",
     )
@@ -109,15 +106,15 @@ def convert_command(
     """Convert a float model into a ReCU binary model and write it as a .safetensors file."""
     policy = policy_from_options(
         keep_first, keep_last, keep_depthwise, keep_grouped, keep_shortcut_1x1, keep_se, min_in_channels,
-        keep, binarize_rule, activation, shortcuts, shortcut_downsample, activations_only,
-        activation_bias,
+        keep, binarize_rule, activation, shortcuts, shortcut_downsample,
     )  # fmt: skip
+    layer = LayerOptions(binarize_weights=not activations_only, activation_bias=activation_bias)
     size = parse_input_size(input_size)
     destination = output or _default_output(model)
     if not dry_run and destination.exists() and not force:
         raise binarize.BinarizeError(f"{destination} already exists; pass --force to overwrite it")
     float_model = model_from_options(model, weights, pretrained, num_classes)
-    binary = binarize.convert(float_model, policy, default_example_inputs(float_model, size))
+    binary = binarize.convert(float_model, policy, default_example_inputs(float_model, size), layer=layer)
     report = binarize.inspect(binary)
     if output_format is OutputFormat.json:
         print_json(report.to_dict())

@@ -10,8 +10,9 @@ from rich.table import Table
 
 import binarize
 from binarize.cli._common import FormatOption, OutputFormat, console, errors_as_one_line, print_json
-from binarize.data import DataConfig, Loader, ResolvedData, build_datasets, resolve_data_config
+from binarize.data import DataConfig, Loader, build_datasets, resolve_data_config
 from binarize.engine.loop import autocast_dtype
+from binarize.files import run_record
 
 __all__ = ["eval_command"]
 
@@ -33,16 +34,13 @@ def eval_command(
     ctx = binarize.engine.DistContext()
     target = ctx.device(device)
     model = binarize.load(file, device=target)
-    extra = (binarize.binarize_meta(model) or {}).get("extra", {})
+    run = run_record(model)
     cfg = DataConfig(workers=workers)
-    if extra.get("data"):
-        resolved = ResolvedData.from_dict(extra["data"], "data")
-    else:
-        resolved = resolve_data_config(cfg, model)
+    resolved = run.data if run is not None and run.data is not None else resolve_data_config(cfg, model)
     datasets = build_datasets(cfg, data, resolved)
-    if extra.get("classes") and extra["classes"] != datasets.classes:
+    if run is not None and run.classes and list(run.classes) != list(datasets.classes):
         raise binarize.BinarizeError(
-            f"the class folders of {data} differ from those the model was trained on ({len(extra['classes'])} classes)"
+            f"the class folders of {data} differ from those the model was trained on ({len(run.classes)} classes)"
         )
     if batch_size < 1:
         raise binarize.BinarizeError(f"--batch-size must be >= 1, got {batch_size}")

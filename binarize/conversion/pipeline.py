@@ -2,7 +2,7 @@
 
 ``convert`` = copy -> trace -> propagate shapes -> decide per layer (:mod:`binarize.conversion.policy`) ->
 rewrite the activations that feed binary convs -> swap convs for :class:`~binarize.nn.ReCUConv2d`
--> optional Bi-Real shortcuts -> record what was done in ``model.binarize_meta``. A model that
+-> optional Bi-Real shortcuts -> record what was done (:mod:`binarize.conversion.record`). A model that
 cannot be traced is converted by swapping modules by name instead (``traced: false`` in the report).
 """
 
@@ -15,16 +15,15 @@ import torch
 from torch import fx, nn
 
 from binarize._utils import default_example_inputs, eval_mode, replace_submodule, unwrap
-from binarize._version import __version__
 from binarize.conversion.graph import GraphFacts, is_activation_module, is_fused_norm_act
 from binarize.conversion.policy import Decision, LayerFacts, Policy, check_rules_match, decide
+from binarize.conversion.record import ConversionRecord, LayerRecord, binarize_meta, set_record
 from binarize.conversion.rewrite import add_bireal_shortcuts, rewrite_activations, sign_input_module
 from binarize.conversion.trace import propagate_shapes, trace
-from binarize.nn import ReCUConv2d
+from binarize.nn import LayerOptions, ReCUConv2d
 
-__all__ = ["convert", "recalibrate_bn", "binarize_meta", "effective_weight", "META_ATTR"]
+__all__ = ["convert", "recalibrate_bn", "binarize_meta", "effective_weight"]
 
-META_ATTR = "binarize_meta"
 _CARRIED_ATTRS = ("pretrained_cfg", "default_cfg", "num_classes", "binarize_source")
 _STD_CONV_NAMES = ("StdConv2d", "ScaledStdConv2d")
 
@@ -80,21 +79,12 @@ def _layer_facts(name: str, module: nn.Module, unsupported: str | None = None, *
     )
 
 
-def _binarize_layers(root: nn.Module, decisions: dict[str, Decision], policy: Policy) -> None:
+def _binarize_layers(root: nn.Module, decisions: dict[str, Decision], options: LayerOptions) -> None:
     for name, decision in decisions.items():
         conv = root.get_submodule(name)
         if decision.binary and not isinstance(conv, ReCUConv2d):
             weight, _ = effective_weight(conv)
-            replace_submodule(
-                root,
-                name,
-                ReCUConv2d.from_float(
-                    conv,
-                    weight,
-                    binarize_weights=policy.binarize_weights,
-                    learn_activation_bias=policy.activation_bias,
-                ),
-            )
+            replace_submodule(root, name, ReCUConv2d.from_float(conv, weight, options))
 
 
 def _not_in_graph(gm: fx.GraphModule, name: str, called: set[str]) -> str:
@@ -130,7 +120,9 @@ def _decide_traced(gm: fx.GraphModule, facts: GraphFacts, policy: Policy, model:
     return {f.name: decide(policy, f) for f in layers}
 
 
-def _convert_traced(gm: fx.GraphModule, policy: Policy, model: nn.Module) -> tuple[nn.Module, dict]:
+def _convert_traced(
+    gm: fx.GraphModule, policy: Policy, options: LayerOptions, model: nn.Module
+) -> tuple[nn.Module, dict]:
     facts = GraphFacts(gm)
     decisions = _decide_traced(gm, facts, policy, model)
     binary = [name for name, d in decisions.items() if d.binary]
@@ -139,7 +131,7 @@ def _convert_traced(gm: fx.GraphModule, policy: Policy, model: nn.Module) -> tup
         if node.op == "call_module" and node.target in decisions and node.args:
             shapes[str(node.target)] = (_shape(node.args[0]), _shape(node))
     replaced = rewrite_activations(gm, facts, binary, policy.activation)
-    _binarize_layers(gm, decisions, policy)
+    _binarize_layers(gm, decisions, options)
     facts.modules = dict(gm.named_modules())
     shortcuts = {}
     if policy.shortcuts == "bireal":
@@ -181,7 +173,7 @@ def _record_calls(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> l
 
 
 def _convert_untraced(
-    model: nn.Module, policy: Policy, example_inputs: Sequence[torch.Tensor]
+    model: nn.Module, policy: Policy, options: LayerOptions, example_inputs: Sequence[torch.Tensor]
 ) -> tuple[nn.Module, dict]:
     """Conversion by module name, for models that torch.fx cannot trace."""
     calls = _record_calls(model, example_inputs)
@@ -226,7 +218,7 @@ def _convert_untraced(
         else:
             replace_submodule(model, act_name, new)
         replaced.append(act_name)
-    _binarize_layers(model, decisions, policy)
+    _binarize_layers(model, decisions, options)
     return model, {"decisions": decisions, "activations_replaced": replaced, "shortcuts": {}}
 
 
@@ -234,6 +226,8 @@ def convert(
     model: nn.Module,
     policy: Policy | None = None,
     example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    *,
+    layer: LayerOptions | None = None,
 ) -> nn.Module:
     """Converts a float model into a ReCU binary model.
 
@@ -247,10 +241,13 @@ def convert(
         example_inputs: A tuple of input tensors, as ``torch.export`` takes them (or one tensor); one zero
             image of the model's timm input size (else 3x224x224) when omitted. Used to trace shapes and
             count MACs.
+        layer: Options of the binary layers (weight binarization, activation bias, initial tau);
+            :class:`~binarize.nn.LayerOptions` defaults when omitted.
 
     Returns:
-        A new module (a ``torch.fx.GraphModule`` when the model traces) with a ``binarize_meta`` dict
-        that :func:`binarize.inspect` and :func:`binarize.save` read.
+        A new module (a ``torch.fx.GraphModule`` when the model traces) carrying its
+        :class:`~binarize.conversion.record.ConversionRecord` (:func:`binarize_meta` reads it), which
+        :func:`binarize.inspect` and :func:`binarize.save` use.
 
     Example::
 
@@ -260,6 +257,7 @@ def convert(
         'ReCUConv2d'
     """
     policy = policy if policy is not None else Policy()
+    layer = layer if layer is not None else LayerOptions()
     source = unwrap(model)
     model = copy.deepcopy(source)
     if isinstance(example_inputs, torch.Tensor):  # one tensor, not a tuple: tuple() would split its batch
@@ -272,35 +270,28 @@ def convert(
     except Exception as err:  # noqa: BLE001 - any tracing failure means: convert without a graph
         gm, trace_error = None, f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
     if gm is not None:
-        result, info = _convert_traced(gm, policy, model)
+        result, info = _convert_traced(gm, policy, layer, model)
     else:
-        result, info = _convert_untraced(model, policy, example_inputs)
+        result, info = _convert_untraced(model, policy, layer, example_inputs)
     for attr in _CARRIED_ATTRS:
         if hasattr(source, attr):
             setattr(result, attr, copy.deepcopy(getattr(source, attr)))
-    decisions = info.pop("decisions")
-    setattr(
-        result,
-        META_ATTR,
-        {
-            "library_version": __version__,
-            "policy": policy.to_dict(),
-            "input_size": list(example_inputs[0].shape[1:]),
-            "traced": gm is not None,
-            "trace_error": trace_error,
-            "layers": {
-                name: {"decision": "binary" if d.binary else "float", "reason": d.reason}
-                for name, d in decisions.items()
-            },
-            **info,
+    decisions = info["decisions"]
+    record = ConversionRecord(
+        policy=policy,
+        layer=layer,
+        input_size=tuple(int(v) for v in example_inputs[0].shape[1:]),
+        traced=gm is not None,
+        trace_error=trace_error,
+        layers={
+            name: LayerRecord("binary" if d.binary else "float", d.reason, name in info.get("guessed", ()))
+            for name, d in decisions.items()
         },
+        activations_replaced=tuple(info["activations_replaced"]),
+        shortcuts=dict(info["shortcuts"]),
     )
+    set_record(result, record)
     return result
-
-
-def binarize_meta(model: nn.Module) -> dict | None:
-    """The conversion record of a converted model (also inside DDP or ``torch.compile``), or None."""
-    return getattr(unwrap(model), META_ATTR, None)
 
 
 @torch.no_grad()

@@ -20,18 +20,18 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import functools
 import re
-import typing
-from typing import Literal
+from typing import Any, Literal
 
-from binarize._utils import nearest
 from binarize.config import Config, check
 from binarize.errors import ConfigError
 
 __all__ = ["Policy", "LayerFacts", "Decision", "decide", "check_rules_match"]
 
 _GLOB_CHARS = set("*?[")
+VERSION = 2
+MOVED_TO_LAYER_OPTIONS = ("binarize_weights", "activation_bias")
+"""Policy version 1 fields that are now :class:`binarize.nn.LayerOptions` fields."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,10 +55,8 @@ class Policy(Config):
             BatchNorm (Bi-Real Net, Liu et al. 2018), as in ReCU's published models; ``none``.
         shortcut_downsample: For a Bi-Real shortcut whose shapes differ: ``avgpool_conv`` (average
             pooling and a float 1x1 conv) or ``zero_pad`` (average pooling and zero channels).
-        binarize_weights: False binarizes activations only (stage 1 of two-stage training).
-        activation_bias: Give each binary conv a learnable per-input-channel bias added before the
-            sign of its input (a learnable threshold, ReActNet's RSign); off in the paper's settings.
-        version: Schema version of this configuration.
+        version: Schema version of this configuration (2: the layer's own options, weight
+            binarization and the activation bias, moved to :class:`binarize.nn.LayerOptions`).
 
     Example::
 
@@ -78,35 +76,40 @@ class Policy(Config):
     activation: Literal["hardtanh", "identity", "prelu", "keep"] = "hardtanh"
     shortcuts: Literal["none", "bireal"] = "none"
     shortcut_downsample: Literal["avgpool_conv", "zero_pad"] = "avgpool_conv"
-    binarize_weights: bool = True
-    activation_bias: bool = False
-    version: int = 1
+    version: int = VERSION
 
-    def validate(self) -> None:
-        for name, choices in _choices(type(self)).items():  # from_dict checks these; so must the constructor
-            value = getattr(self, name)
-            if value not in choices:
-                listed = ", ".join(repr(c) for c in choices)
-                check(False, name, f"must be one of {listed}, got {value!r}{nearest(str(value), choices)}")
-        check(self.min_in_channels >= 0, "min_in_channels", f"must be >= 0, got {self.min_in_channels}")
-        check(self.version == 1, "version", f"this binarize reads Policy version 1, got {self.version}")
-        for field in ("keep", "binarize"):
+    def __post_init__(self) -> None:
+        for field in ("keep", "binarize"):  # rule lists first: their messages say how to write a rule
             rules = getattr(self, field)
             check(
-                isinstance(rules, tuple), field, f"expected a list of rules, got {rules!r}; write {field}=({rules!r},)"
+                isinstance(rules, (tuple, list)),
+                field,
+                f"expected a list of rules, got {rules!r}; write {field}=({rules!r},)",
             )
             for rule in rules:
                 check(isinstance(rule, str) and rule.strip() != "", field, f"rules are non-empty strings, got {rule!r}")
+        super().__post_init__()
+
+    def validate(self) -> None:
+        check(self.min_in_channels >= 0, "min_in_channels", f"must be >= 0, got {self.min_in_channels}")
+        check(self.version == VERSION, "version", f"this binarize reads Policy version {VERSION}, got {self.version}")
+        for field in ("keep", "binarize"):
+            for rule in getattr(self, field):
                 _validate_rule(field, rule)
         for rule in sorted(set(self.keep) & set(self.binarize)):
             check(False, "keep", f"{rule!r} is in both keep and binarize; remove it from one")
 
-
-@functools.cache
-def _choices(cls: type) -> dict[str, tuple]:
-    """The allowed values of each ``Literal`` field of a dataclass."""
-    hints = typing.get_type_hints(cls)
-    return {name: typing.get_args(h) for name, h in hints.items() if typing.get_origin(h) is Literal}
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "") -> Policy:
+        if isinstance(data, dict):
+            for key in MOVED_TO_LAYER_OPTIONS:
+                if key in data:
+                    label = f"{where}.{key}" if where else key
+                    raise ConfigError(
+                        f"{label}: this setting moved to the layer options: write layer.{key} "
+                        "(binarize.LayerOptions); in a recipe, weight binarization is stages.N.binarize_weights"
+                    )
+        return super().from_dict(data, where)
 
 
 def _validate_rule(field: str, rule: str) -> None:

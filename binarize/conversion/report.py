@@ -23,10 +23,10 @@ import torch
 from torch import nn
 
 from binarize._utils import default_example_inputs, eval_mode, unwrap
-from binarize.conversion.pipeline import binarize_meta
+from binarize.conversion.record import binarize_meta
 from binarize.nn import ReCUConv2d
 
-__all__ = ["LayerEntry", "Report", "inspect"]
+__all__ = ["LayerEntry", "Report", "ReportSummary", "inspect"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,15 +51,67 @@ class LayerEntry:
 
 
 @dataclasses.dataclass(frozen=True)
+class ReportSummary:
+    """The costs of a model and what its conversion did (the counting conventions: module docstring).
+
+    Args:
+        binary_convs: Binary convolutions.
+        float_convs: Convolutions that stay float.
+        float_linears: Linear layers (all float).
+        binary_mac_fraction: Share of the multiply-accumulates done by binary convolutions.
+        params: Parameter count.
+        fp32_bytes: Every parameter and saved floating-point buffer as float32.
+        packed_bytes: Binary weights at 1 bit each, everything else as float32.
+        bops: Binary multiply-accumulates for one image.
+        flops: Float multiply-accumulates for one image.
+        ops: ``flops + bops / 64``.
+        traced: Whether the conversion traced the model (None: not converted by binarize).
+        input_size: The input size the MACs were counted at, ``[C, H, W]``.
+        activations_replaced: Activation call sites replaced in front of binary convs.
+        shortcuts_added: Bi-Real shortcuts added.
+        policy: The conversion's policy as a dict (None: not converted by binarize).
+        trace_error: Why tracing failed, when it did.
+        warnings: What the conversion warned about.
+    """
+
+    binary_convs: int
+    float_convs: int
+    float_linears: int
+    binary_mac_fraction: float
+    params: int
+    fp32_bytes: int
+    packed_bytes: int
+    bops: int
+    flops: int
+    ops: float
+    traced: bool | None
+    input_size: list[int]
+    activations_replaced: int
+    shortcuts_added: int
+    policy: dict[str, Any] | None
+    trace_error: str | None = None
+    warnings: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """The summary with plain JSON types (``trace_error`` and ``warnings`` only when present)."""
+        data = dataclasses.asdict(self)
+        data["warnings"] = list(self.warnings)
+        for key in ("trace_error", "warnings"):
+            if not data[key]:
+                del data[key]
+        return data
+
+
+@dataclasses.dataclass(frozen=True)
 class Report:
     """The layers of a (converted) model and a summary of its costs."""
 
     layers: tuple[LayerEntry, ...]
-    summary: dict[str, Any]
+    summary: ReportSummary
 
     def to_dict(self) -> dict[str, Any]:
         """``{"layers": [...], "summary": {...}}`` with plain JSON types."""
-        return {"layers": [dataclasses.asdict(e) for e in self.layers], "summary": dict(self.summary)}
+        return {"layers": [dataclasses.asdict(e) for e in self.layers], "summary": self.summary.to_dict()}
 
 
 @torch.no_grad()
@@ -120,20 +172,20 @@ def inspect(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tens
         16
     """
     model = unwrap(model)
-    meta = binarize_meta(model) or {}
+    record = binarize_meta(model)
     if example_inputs is None:
-        example_inputs = default_example_inputs(model, meta.get("input_size"))
+        example_inputs = default_example_inputs(model, record.input_size if record else None)
     elif isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     macs = _count_macs(model, example_inputs)
-    recorded = meta.get("layers", {})
+    recorded = record.layers if record else {}
     layers, linears = [], 0
     for name, module in model.named_modules():
         if not isinstance(module, (nn.Conv2d, nn.Linear)):
             continue
         linears += isinstance(module, nn.Linear)  # by type: Linear subclasses have other class names
         binary = isinstance(module, ReCUConv2d)
-        reason = recorded.get(name, {}).get("reason") or ("binarized" if binary else "not converted")
+        reason = recorded[name].reason if name in recorded else ("binarized" if binary else "not converted")
         if binary and not module.binarize_weights:
             reason += " (activations only)"
         layers.append(
@@ -152,23 +204,23 @@ def inspect(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tens
     packed_binary = sum(
         (m.weight.numel() + 7) // 8 for m in model.modules() if isinstance(m, ReCUConv2d) and m.binarize_weights
     )
-    summary = {
-        "binary_convs": sum(e.decision == "binary" for e in layers),
-        "float_convs": sum(e.decision == "float" for e in layers) - linears,
-        "float_linears": linears,
-        "binary_mac_fraction": bops / (bops + flops) if bops + flops else 0.0,
-        "params": params,
-        "fp32_bytes": fp32_bytes,
-        "packed_bytes": fp32_bytes - binary_fp32 + packed_binary,
-        "bops": bops,
-        "flops": flops,
-        "ops": flops + bops / 64,
-        "traced": meta.get("traced"),
-        "input_size": [int(s) for s in example_inputs[0].shape[1:]],
-        "activations_replaced": len(meta.get("activations_replaced", [])),
-        "shortcuts_added": len(meta.get("shortcuts", {})),
-        "policy": meta.get("policy"),
-    }
-    if meta.get("trace_error"):
-        summary["trace_error"] = meta["trace_error"]
+    summary = ReportSummary(
+        binary_convs=sum(e.decision == "binary" for e in layers),
+        float_convs=sum(e.decision == "float" for e in layers) - linears,
+        float_linears=linears,
+        binary_mac_fraction=bops / (bops + flops) if bops + flops else 0.0,
+        params=params,
+        fp32_bytes=fp32_bytes,
+        packed_bytes=fp32_bytes - binary_fp32 + packed_binary,
+        bops=bops,
+        flops=flops,
+        ops=flops + bops / 64,
+        traced=record.traced if record else None,
+        input_size=[int(s) for s in example_inputs[0].shape[1:]],
+        activations_replaced=len(record.activations_replaced) if record else 0,
+        shortcuts_added=len(record.shortcuts) if record else 0,
+        policy=record.policy.to_dict() if record else None,
+        trace_error=record.trace_error if record else None,
+        warnings=record.warnings if record else (),
+    )
     return Report(tuple(layers), summary)

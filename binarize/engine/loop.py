@@ -21,7 +21,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from binarize._utils import mix_seed, unwrap
-from binarize.conversion.pipeline import binarize_meta, convert, recalibrate_bn
+from binarize.conversion.pipeline import convert, recalibrate_bn
+from binarize.conversion.record import binarize_meta, set_record
 from binarize.data import Datasets, ResolvedData, build_datasets, build_loaders, resolve_data_config
 from binarize.engine import checkpoint as ckpt
 from binarize.engine.distributed import DistContext, all_reduce_sum, broadcast_buffers
@@ -31,7 +32,7 @@ from binarize.engine.progress import Reporter, RichReporter
 from binarize.engine.records import CURVES, MetricsLog, plot_curves
 from binarize.engine.schedules import lr_at, tau_at
 from binarize.errors import ConfigError, DataError, TrainingError, TrainingInterrupted
-from binarize.files import save
+from binarize.files import RunRecord, save
 from binarize.models import create_model
 from binarize.nn import ReCUConv2d
 from binarize.recipes import Recipe, StageConfig, dump_recipe, load_recipe
@@ -81,9 +82,9 @@ def set_weight_binarization(model: nn.Module, enabled: bool) -> None:
                 if enabled:
                     module.reset_alpha()
             module.alpha.requires_grad_(enabled)
-    meta = binarize_meta(model)
-    if meta is not None:
-        meta["policy"] = {**meta["policy"], "binarize_weights": enabled}
+    record = binarize_meta(model)
+    if record is not None:
+        set_record(model, dataclasses.replace(record, layer=record.layer.replace(binarize_weights=enabled)))
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -289,8 +290,8 @@ def _record(run: _Run, epoch: int, stage: str, tau: float, lr: float, train: dic
     return record
 
 
-def _extra(run: _Run, record: dict) -> dict:
-    return {"metrics": record, "data": run.resolved.to_dict(), "classes": run.datasets.classes}
+def _run_record(run: _Run, record: dict) -> RunRecord:
+    return RunRecord(metrics=record, data=run.resolved, classes=tuple(run.datasets.classes))
 
 
 def _checkpoint(run: _Run, record: dict, state: dict) -> None:
@@ -302,9 +303,9 @@ def _checkpoint(run: _Run, record: dict, state: dict) -> None:
     if not run.writes:
         return
     with ckpt.interrupts_deferred():  # Ctrl-C here would leave last.safetensors and state.pt at different epochs
-        save(run.student, run.run_dir / ckpt.LAST, force=True, extra=_extra(run, record))
+        save(run.student, run.run_dir / ckpt.LAST, force=True, run=_run_record(run, record))
         if improved:
-            save(run.student, run.run_dir / ckpt.BEST, force=True, extra=_extra(run, record))
+            save(run.student, run.run_dir / ckpt.BEST, force=True, run=_run_record(run, record))
         ckpt.save_state(run.run_dir, {**state, "best": dict(run.best), "rng": ckpt.rng_state()})
 
 
@@ -413,7 +414,7 @@ def _run_stage(run: _Run, stage_index: int, start_epoch: int, state: dict | None
             _checkpoint(run, record, state)
     except KeyboardInterrupt:
         if run.writes:
-            save(run.student, run.run_dir / ckpt.INTERRUPTED, force=True, extra=_extra(run, {}))
+            save(run.student, run.run_dir / ckpt.INTERRUPTED, force=True, run=_run_record(run, {}))
             where = f"{run.run_dir / ckpt.INTERRUPTED} (resume with --resume continues from {ckpt.LAST})"
         else:
             where = "nothing (no output directory)"
@@ -482,8 +483,8 @@ def finetune(
     datasets = _datasets(recipe, resolved, train_data, val_data, data_dir)
     float_model.to(device)
     _check_classes(float_model, datasets.num_classes, resolved.input_size, device)
-    policy = recipe.policy.replace(binarize_weights=recipe.stages[0].binarize_weights)
-    student = convert(float_model, policy, (torch.zeros(1, *resolved.input_size, device=device),)).to(device)
+    example = (torch.zeros(1, *resolved.input_size, device=device),)
+    student = convert(float_model, recipe.policy, example, layer=recipe.layer_options(0)).to(device)
     if recipe.train.channels_last:
         student.to(memory_format=torch.channels_last)
     dtype = autocast_dtype(recipe.train.precision, device)

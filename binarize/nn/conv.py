@@ -13,11 +13,9 @@ import torch
 from torch import Tensor, nn
 
 from binarize.nn.functional import _stats_dtype, binary_sign, recu_weight, sign_conv2d
+from binarize.nn.options import DEFAULT_TAU, LayerOptions
 
 __all__ = ["ReCUConv2d", "DEFAULT_TAU"]
-
-DEFAULT_TAU = 0.85
-"""Initial tau: the start of the paper's schedule, so ReCU is active even outside binarize's engine."""
 
 
 class ReCUConv2d(nn.Conv2d):
@@ -71,12 +69,7 @@ class ReCUConv2d(nn.Conv2d):
 
     @classmethod
     def from_float(
-        cls,
-        conv: nn.Conv2d,
-        weight: Tensor | None = None,
-        *,
-        binarize_weights: bool = True,
-        learn_activation_bias: bool = False,
+        cls, conv: nn.Conv2d, weight: Tensor | None = None, options: LayerOptions | None = None
     ) -> ReCUConv2d:
         """Builds the binary layer from a float convolution, copying its weights unchanged.
 
@@ -87,9 +80,9 @@ class ReCUConv2d(nn.Conv2d):
             conv: The float convolution; it is not modified.
             weight: The effective float weight, when ``conv`` computes one in its forward
                 (weight-standardised convolutions); ``conv.weight`` otherwise.
-            binarize_weights: See the class docstring.
-            learn_activation_bias: See the class docstring.
+            options: Weight binarization, activation bias and initial tau; the defaults when omitted.
         """
+        options = options if options is not None else LayerOptions()
         reason = cls.unsupported_reason(conv)
         if reason is not None:
             raise ValueError(f"cannot binarize {type(conv).__name__}: {reason}")
@@ -105,14 +98,14 @@ class ReCUConv2d(nn.Conv2d):
             padding_mode=conv.padding_mode,
             device="meta",  # no random initialisation of weights that are overwritten at once
             dtype=conv.weight.dtype,
-            binarize_weights=binarize_weights,
-            learn_activation_bias=learn_activation_bias,
+            binarize_weights=options.binarize_weights,
+            learn_activation_bias=options.activation_bias,
         ).to_empty(device=conv.weight.device)
         with torch.no_grad():
             layer.weight.copy_(conv.weight if weight is None else weight)
             if conv.bias is not None:
                 layer.bias.copy_(conv.bias)
-            layer.tau.fill_(DEFAULT_TAU)
+            layer.tau.fill_(options.tau)
             layer.threshold.fill_(float("nan"))
             if layer.activation_bias is not None:
                 layer.activation_bias.zero_()

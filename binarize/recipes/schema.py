@@ -8,6 +8,7 @@ from typing import Literal
 from binarize.config import Config, check
 from binarize.conversion.policy import Policy
 from binarize.data import DataConfig
+from binarize.nn.options import DEFAULT_TAU, LayerOptions
 
 __all__ = [
     "ModelConfig",
@@ -57,7 +58,7 @@ class MethodConfig(Config):
             or ``step`` (t = fractional epoch, updated every step).
     """
 
-    tau_min: float = 0.85
+    tau_min: float = DEFAULT_TAU
     tau_max: float = 0.99
     granularity: Literal["epoch", "step"] = "epoch"
 
@@ -247,7 +248,11 @@ class Recipe(Config):
         name: Short name.
         description: One line shown by ``binarize recipes``.
         model: The float model (overridable from the CLI).
-        policy: Which layers become binary.
+        policy: Which layers become binary and which graph rewrites run.
+        layer: The options of the binary layers. During training the stages switch weight
+            binarization (``stages.N.binarize_weights``) and the tau schedule sets tau (``method``): a
+            ``layer.binarize_weights: false`` or a ``layer.tau`` that disagrees with the first stage or
+            the schedule is an error; ``layer.activation_bias`` is free.
         data: Dataset and transforms.
         method: ReCU's tau schedule.
         stages: One or more training stages.
@@ -259,6 +264,7 @@ class Recipe(Config):
     description: str = ""
     model: ModelConfig = ModelConfig()
     policy: Policy = Policy()
+    layer: LayerOptions = LayerOptions()
     data: DataConfig = DataConfig()
     method: MethodConfig = MethodConfig()
     stages: tuple[StageConfig, ...] = (StageConfig(),)
@@ -268,7 +274,29 @@ class Recipe(Config):
     def validate(self) -> None:
         check(len(self.stages) >= 1, "stages", "a recipe needs at least one stage")
         check(self.version == 1, "version", f"this binarize reads recipe version 1, got {self.version}")
+        first = self.stages[0].binarize_weights
+        check(  # the default (true) defers to the stages; false is a request that the first stage must share
+            self.layer.binarize_weights or not first,
+            "layer.binarize_weights",
+            f"is {_yaml(self.layer.binarize_weights)} but stages.0.binarize_weights is {_yaml(first)}; during "
+            "training the stage setting is the only switch: set stages.N.binarize_weights and leave this out",
+        )
+        check(
+            self.layer.tau in (DEFAULT_TAU, self.method.tau_min),
+            "layer.tau",
+            f"is {self.layer.tau} but the tau schedule starts at method.tau_min = {self.method.tau_min}; during "
+            "training the schedule sets tau: set method.tau_min and leave this out",
+        )
+
+    def layer_options(self, stage: int = 0) -> LayerOptions:
+        """The layer options a conversion for this recipe uses, with stage ``stage``'s weight binarization
+        and the schedule's first tau."""
+        return self.layer.replace(binarize_weights=self.stages[stage].binarize_weights, tau=self.method.tau_min)
 
     @property
     def epochs(self) -> int:
         return sum(s.epochs for s in self.stages)
+
+
+def _yaml(value: bool) -> str:
+    return "true" if value else "false"
