@@ -13,7 +13,8 @@ The public API::
 
 from binarize._version import __version__
 from binarize.conversion import Policy, Report, binarize_meta, convert, inspect, recalibrate_bn
-from binarize.engine import FinetuneResult, evaluate, finetune
+from binarize.diagnostics import Diagnosis, LayerDiagnostics, SignTracker, diagnose
+from binarize.engine import FinetuneResult, TauScheduler, evaluate, finetune
 from binarize.errors import BinarizeError
 from binarize.files import load, run_record, save
 from binarize.models import create_model
@@ -23,14 +24,19 @@ from binarize.recipes import Recipe, load_recipe
 __all__ = [
     "__version__",
     "BinarizeError",
+    "Diagnosis",
     "FinetuneResult",
+    "LayerDiagnostics",
     "LayerOptions",
     "Policy",
     "Recipe",
     "Report",
+    "SignTracker",
+    "TauScheduler",
     "binarize_meta",
     "convert",
     "create_model",
+    "diagnose",
     "evaluate",
     "finetune",
     "inspect",

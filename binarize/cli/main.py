@@ -6,6 +6,7 @@ import typer
 
 from binarize.cli.convert import convert_command
 from binarize.cli.demo import demo_command
+from binarize.cli.diagnose import diagnose_command
 from binarize.cli.eval import eval_command
 from binarize.cli.finetune import finetune_command
 from binarize.cli.inspect import inspect_command
@@ -25,6 +26,7 @@ app.command("finetune")(finetune_command)
 app.command("eval")(eval_command)
 app.command("inspect")(inspect_command)
 app.add_typer(recipes_app, name="recipes")
+app.command("diagnose")(diagnose_command)
 app.command("demo")(demo_command)
 
 
