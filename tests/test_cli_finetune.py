@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 import binarize
 from binarize.cli.main import app
 from binarize.data import DataConfig, ResolvedData, build_datasets
-from binarize.engine import loop
+from binarize.engine import step as engine_step
 from binarize.files import read_metadata
 from binarize.recipes import list_recipes, load_recipe
 
@@ -255,7 +255,7 @@ def test_non_finite_loss(tiny_recipe_file, tiny_data, tmp_path):
 def test_ctrl_c_saves_exits_130_and_resumes(tiny_recipe_file, tiny_data, tmp_path, monkeypatch):
     out = tmp_path / "run"
     calls = []
-    real_loss = loop.training_loss
+    real_loss = engine_step.training_loss
 
     def loss(*args, **kwargs):
         calls.append(1)
@@ -263,7 +263,7 @@ def test_ctrl_c_saves_exits_130_and_resumes(tiny_recipe_file, tiny_data, tmp_pat
             raise KeyboardInterrupt
         return real_loss(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "training_loss", loss)
+    monkeypatch.setattr(engine_step, "training_loss", loss)
     message = assert_clean_error(finetune(tiny_recipe_file, tiny_data, out), r"interrupted in stage 'main'", code=130)
     assert "interrupted.safetensors" in message
     binarize.load(out / "interrupted.safetensors")
