@@ -276,6 +276,36 @@ def test_ctrl_c_saves_exits_130_and_resumes(tiny_recipe_file, tiny_data, tmp_pat
     assert any(not torch.equal(t, load_file(out / "last.safetensors")[k]) for k, t in last.items())
 
 
+def test_a_failed_finetune_leaves_no_output_directory(tiny_recipe_file, tiny_data, tmp_path, make_images):
+    out = tmp_path / "runs" / "r1"
+    assert_clean_error(invoke("finetune", "--recipe", tiny_recipe_file, "-o", out), r"no data: pass --data DIR")
+    assert_clean_error(finetune(tiny_recipe_file, tmp_path / "nope", out), r"data directory .*nope does not exist")
+    bad = make_images(tmp_path / "bad", classes=("a", "b", "c"), train=2, val=1, size=8)
+    (bad / "val" / "c").rename(bad / "val" / "d")
+    assert_clean_error(finetune(tiny_recipe_file, bad, out), r"class folders differ")
+    assert_clean_error(finetune(tiny_recipe_file, tiny_data, out, "--limit-train", "1000"), r"limit_train: 1000 is")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_bad_output_path_is_one_line(tiny_recipe_file, tiny_data, tmp_path):
+    file = tmp_path / "file"
+    file.write_text("")
+    assert_clean_error(finetune(tiny_recipe_file, tiny_data, file), r"output .*file is a file, not a directory")
+    assert_clean_error(finetune(tiny_recipe_file, tiny_data, file / "run"), r"file is a file, not a directory")
+
+
+def test_ctrl_c_in_epoch_0_exits_130_and_saves_nothing(tiny_recipe_file, tiny_data, tmp_path, monkeypatch):
+    from binarize.engine import loop
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "recalibrate_bn", interrupt)
+    out = tmp_path / "run"
+    message = assert_clean_error(finetune(tiny_recipe_file, tiny_data, out), r"before the first checkpoint", code=130)
+    assert "nothing saved" in message and not out.exists()
+
+
 # --------------------------------------------------------------------------- recipes
 
 
