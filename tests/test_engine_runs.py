@@ -280,3 +280,12 @@ def test_the_run_directory_is_only_written_by_the_run(one_epoch):
     names = {p.name for p in out.iterdir()} - {"tensorboard", "curves.png"}  # those two need optional packages
     assert names == {"best.safetensors", "last.safetensors", "metrics.jsonl", "recipe.yaml", "state.pt"}
     assert not [n for n in os.listdir(out) if n.endswith(".tmp") or n.startswith(".binarize-probe-")]
+
+
+def test_ctrl_c_in_epoch_0_without_an_output_directory(tiny_recipe, tiny_data, monkeypatch):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "recalibrate_bn", interrupt)
+    with pytest.raises(TrainingInterrupted, match=r"^interrupted; saved nothing \(no output directory\)$"):
+        run(tiny_recipe("epochs=1"), tiny_data)

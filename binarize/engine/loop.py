@@ -343,15 +343,16 @@ def _train(run: _Run, state: dict[str, Any] | None) -> None:
 
 def _interrupted(run: _Run) -> TrainingInterrupted:
     """Ctrl-C outside a training epoch (BatchNorm re-estimation, epoch 0, a stage's set-up): nothing new is saved."""
+    if run.run_dir is None:
+        return TrainingInterrupted("interrupted; saved nothing (no output directory)")
     if run.checkpointed:
         return TrainingInterrupted(
             f"interrupted between epochs; nothing new saved: resume with --resume, which continues from "
             f"{run.run_dir / ckpt.LAST}"
         )
-    where = f": {run.run_dir} was not created" if run.writes else ""
     return TrainingInterrupted(
         "interrupted before the first checkpoint (BatchNorm re-estimation and the epoch-0 evaluation); "
-        f"nothing saved{where}: run the same command again to start afresh"
+        f"nothing saved ({run.run_dir} was not created): run the same command again to start afresh"
     )
 
 
