@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from binarize.config import check
 from binarize.conversion.pipeline import binarize_meta
 from binarize.data import DataConfig, ResolvedData, build_eval_dataset, build_eval_loader, resolve_data_config
 from binarize.engine.distributed import DistContext, all_reduce_sum
@@ -103,6 +104,7 @@ def evaluate_file(
 
         >>> binarize.evaluate_file("runs/r20/best.safetensors", "cifar10", workers=0)["top1"]
     """
+    check(batch_size >= 1, "batch_size", f"must be >= 1, got {batch_size}")
     target = DistContext().device(device)
     cfg = DataConfig(workers=workers)
     model = load(path, device=target)
