@@ -14,7 +14,7 @@ The public API::
 from binarize._version import __version__
 from binarize.conversion import Policy, Report, binarize_meta, convert, inspect, recalibrate_bn
 from binarize.diagnostics import Diagnosis, LayerDiagnostics, SignTracker, diagnose
-from binarize.engine import FinetuneResult, TauScheduler, evaluate, finetune
+from binarize.engine import FinetuneResult, TauScheduler, evaluate, evaluate_file, finetune
 from binarize.errors import BinarizeError
 from binarize.files import load, run_record, save
 from binarize.models import create_model
@@ -38,6 +38,7 @@ __all__ = [
     "create_model",
     "diagnose",
     "evaluate",
+    "evaluate_file",
     "finetune",
     "inspect",
     "load",

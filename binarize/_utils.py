@@ -19,6 +19,7 @@ __all__ = [
     "nearest",
     "replace_submodule",
     "run_with_hooks",
+    "set_preserved_attr",
     "unwrap",
 ]
 
@@ -79,6 +80,15 @@ def run_with_hooks(
     finally:
         for handle in handles:
             handle.remove()
+
+
+def set_preserved_attr(module: nn.Module, name: str, value: Any) -> None:
+    """Sets an attribute that survives ``copy.deepcopy`` also on a ``torch.fx.GraphModule`` (whose deepcopy
+    rebuilds the module and keeps only the attributes listed in its ``meta``)."""
+    setattr(module, name, value)
+    meta = getattr(module, "meta", None)
+    if isinstance(module, torch.fx.GraphModule) and isinstance(meta, dict):
+        meta.setdefault("_user_preserved_attributes", {})[name] = value
 
 
 def replace_submodule(root: nn.Module, name: str, module: nn.Module) -> None:

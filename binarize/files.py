@@ -29,7 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from binarize._utils import default_example_inputs, unwrap
+from binarize._utils import default_example_inputs, set_preserved_attr, unwrap
 from binarize._version import __version__
 from binarize.config import Config
 from binarize.conversion.pipeline import convert
@@ -305,12 +305,12 @@ def load(path: str | Path, model: nn.Module | None = None, *, device: str | torc
         model = create_model(source["spec"], num_classes=source.get("num_classes"))
     binary = convert(model, header.policy, default_example_inputs(model, header.input_size), layer=header.layer)
     if source and not hasattr(binary, SOURCE_ATTR):
-        setattr(binary, SOURCE_ATTR, source)
+        set_preserved_attr(binary, SOURCE_ATTR, source)
     try:
         state = load_file(str(path), device=str(device))
     except Exception as err:
         raise FileFormatError(f"{path}: cannot read the weights ({type(err).__name__}: {err})") from err
     binary.to(device)
     load_weights(binary, state)
-    setattr(binary, RUN_ATTR, header.run)
+    set_preserved_attr(binary, RUN_ATTR, header.run)
     return binary.eval()

@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 import binarize
 from binarize.cli.main import app
 from binarize.data import DataConfig, ResolvedData, build_datasets
-from binarize.engine import loop
+from binarize.engine import step as engine_step
 from binarize.files import read_metadata
 from binarize.recipes import list_recipes, load_recipe
 
@@ -255,7 +255,7 @@ def test_non_finite_loss(tiny_recipe_file, tiny_data, tmp_path):
 def test_ctrl_c_saves_exits_130_and_resumes(tiny_recipe_file, tiny_data, tmp_path, monkeypatch):
     out = tmp_path / "run"
     calls = []
-    real_loss = loop.training_loss
+    real_loss = engine_step.training_loss
 
     def loss(*args, **kwargs):
         calls.append(1)
@@ -263,7 +263,7 @@ def test_ctrl_c_saves_exits_130_and_resumes(tiny_recipe_file, tiny_data, tmp_pat
             raise KeyboardInterrupt
         return real_loss(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "training_loss", loss)
+    monkeypatch.setattr(engine_step, "training_loss", loss)
     message = assert_clean_error(finetune(tiny_recipe_file, tiny_data, out), r"interrupted in stage 'main'", code=130)
     assert "interrupted.safetensors" in message
     binarize.load(out / "interrupted.safetensors")
@@ -274,6 +274,36 @@ def test_ctrl_c_saves_exits_130_and_resumes(tiny_recipe_file, tiny_data, tmp_pat
     assert result.exit_code == 0, result.output
     assert [r["epoch"] for r in read_metrics(out)] == [0, 1, 2]
     assert any(not torch.equal(t, load_file(out / "last.safetensors")[k]) for k, t in last.items())
+
+
+def test_a_failed_finetune_leaves_no_output_directory(tiny_recipe_file, tiny_data, tmp_path, make_images):
+    out = tmp_path / "runs" / "r1"
+    assert_clean_error(invoke("finetune", "--recipe", tiny_recipe_file, "-o", out), r"no data: pass --data DIR")
+    assert_clean_error(finetune(tiny_recipe_file, tmp_path / "nope", out), r"data directory .*nope does not exist")
+    bad = make_images(tmp_path / "bad", classes=("a", "b", "c"), train=2, val=1, size=8)
+    (bad / "val" / "c").rename(bad / "val" / "d")
+    assert_clean_error(finetune(tiny_recipe_file, bad, out), r"class folders differ")
+    assert_clean_error(finetune(tiny_recipe_file, tiny_data, out, "--limit-train", "1000"), r"limit_train: 1000 is")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_bad_output_path_is_one_line(tiny_recipe_file, tiny_data, tmp_path):
+    file = tmp_path / "file"
+    file.write_text("")
+    assert_clean_error(finetune(tiny_recipe_file, tiny_data, file), r"output .*file is a file, not a directory")
+    assert_clean_error(finetune(tiny_recipe_file, tiny_data, file / "run"), r"file is a file, not a directory")
+
+
+def test_ctrl_c_in_epoch_0_exits_130_and_saves_nothing(tiny_recipe_file, tiny_data, tmp_path, monkeypatch):
+    from binarize.engine import loop
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "recalibrate_bn", interrupt)
+    out = tmp_path / "run"
+    message = assert_clean_error(finetune(tiny_recipe_file, tiny_data, out), r"before the first checkpoint", code=130)
+    assert "nothing saved" in message and not out.exists()
 
 
 # --------------------------------------------------------------------------- recipes

@@ -23,11 +23,14 @@ from torch.utils.data import Dataset
 from binarize.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    VAL_SUBSET_SEED,
     DataConfig,
     Datasets,
     EpochSampler,
     ResolvedData,
     build_datasets,
+    build_eval_dataset,
+    build_eval_loader,
     build_loaders,
     build_transforms,
     resolve_data_config,
@@ -587,3 +590,85 @@ def test_too_few_images_for_a_batch() -> None:
         build_loaders(noisy(n=10), 8, DataConfig(workers=0), seed=0, distributed=True, rank=0, world_size=2)
     with pytest.raises(ConfigError, match="batch_size: must be >= 1"):
         build_loaders(noisy(), 0, DataConfig(workers=0), seed=0)
+
+
+# --------------------------------------------------------------------------- the evaluation split alone
+
+
+def test_eval_dataset_reads_only_the_evaluation_split(tmp_path: Path) -> None:
+    make_tree(tmp_path, {"test": TREE["test"]})  # no train/ folder
+    dataset = build_eval_dataset(DataConfig(), tmp_path, SMALL)
+    assert dataset.classes == ["cat", "dog"] and len(dataset) == 4 and dataset.targets == [0, 0, 1, 1]
+    image, label = dataset[2]
+    assert image.shape == (3, 8, 8) and label == 1
+    assert torch.equal(image, build_transforms(SMALL, train=False)(Image.open(tmp_path / "test/dog/000.png")))
+    make_tree(tmp_path, {"val": {"cat": 1, "dog": 1}})  # val/ is preferred, as for training
+    assert len(build_eval_dataset(DataConfig(), tmp_path, SMALL, classes=["cat", "dog"])) == 2
+    make_tree(tmp_path, {"holdout": {"cat": 3, "dog": 3}})
+    assert len(build_eval_dataset(DataConfig(val_split="holdout"), tmp_path, SMALL)) == 6
+
+
+def test_eval_dataset_errors(tmp_path: Path) -> None:
+    make_tree(tmp_path, {"val": {"cat": 1, "dog": 1, "emu": 1}})
+    with pytest.raises(DataError) as info:
+        build_eval_dataset(DataConfig(), tmp_path, SMALL, classes=["cat", "dog", "fox"])
+    assert str(info.value) == (
+        f"the class folders of {tmp_path / 'val'} differ from those the model was trained on (3 classes; "
+        "only in the model: fox; only in val: emu): evaluate on a split with the same classes"
+    )
+    with pytest.raises(DataError, match=r"^no validation folder in .*: add val/<class>/<image>"):
+        build_eval_dataset(DataConfig(), tmp_path / "val", SMALL)
+    with pytest.raises(DataError, match=r"^data directory .*nope does not exist"):
+        build_eval_dataset(DataConfig(), tmp_path / "nope", SMALL)
+    with pytest.raises(DataError, match=r"^no data directory given: pass the directory that holds ROOT/val/"):
+        build_eval_dataset(DataConfig(), None, SMALL)
+
+
+def test_eval_loader_gives_the_batches_of_the_validation_loader(cifar_small: Path) -> None:
+    resolved = resolve_data_config(DataConfig(input_size=(3, 32, 32)))
+    datasets = build_datasets(DataConfig(), cifar_small, resolved)
+    val = build_eval_dataset(DataConfig(), cifar_small, resolved)
+    for limit in (None, 50):
+        run = build_loaders(datasets, 16, DataConfig(workers=0), seed=9, limit_val=limit)
+        alone = build_eval_loader(val, 16, workers=2, limit=limit)
+        assert_same(list(alone), list(run.val))
+        alone.close()
+    assert len(list(alone)) == 4  # 50 images, the last batch kept
+
+
+# --------------------------------------------------------------------------- limits
+
+
+def test_limit_val_draws_the_same_balanced_subset_whatever_the_seed() -> None:
+    first = build_loaders(noisy(n=40, n_val=20), 4, DataConfig(workers=0), seed=1, limit_val=8)
+    other = build_loaders(noisy(n=40, n_val=20), 4, DataConfig(workers=0), seed=2, limit_val=8)
+    seen = [int(i) for x, _ in first.val for i in x[:, 0]]
+    assert seen == [int(i) for x, _ in other.val for i in x[:, 0]]
+    assert seen == stratified_subset(Noisy(20).targets, 8, seed=VAL_SUBSET_SEED)
+    assert collections.Counter(i % 4 for i in seen) == {0: 2, 1: 2, 2: 2, 3: 2}
+    assert len(first.train) == 10  # the train split is untouched
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"limit_train": 41}, r"^limit_train: 41 is more than the 40 images of the train split; lower it"),
+        ({"limit_val": 11}, r"^limit_val: 11 is more than the 10 images of the validation split; lower it"),
+        ({"limit_val": 0}, r"^limit_val: must be at least 1 image, got 0"),
+        ({"limit_train": 0}, r"^limit_train: must be at least 1 image, got 0"),
+    ],
+)
+def test_limits_outside_the_split_are_errors(kwargs: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        build_loaders(noisy(), 4, DataConfig(workers=0), seed=0, **kwargs)
+    limit = {"limit_train": 40, "limit_val": 10}
+    assert len(build_loaders(noisy(), 4, DataConfig(workers=0), seed=0, **limit).train) == 10  # all is fine
+
+
+def test_the_zoo_and_the_data_pipeline_share_one_pair_of_statistics() -> None:
+    from binarize.data import constants
+    from binarize.zoo import cifar
+
+    assert cifar.CIFAR_MEAN is constants.IMAGENET_MEAN is IMAGENET_MEAN
+    assert cifar.CIFAR_STD is constants.IMAGENET_STD is IMAGENET_STD
+    assert cifar.cifar_resnet20().pretrained_cfg["mean"] == IMAGENET_MEAN

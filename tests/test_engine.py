@@ -27,10 +27,12 @@ import binarize
 from binarize.data import DataConfig, ResolvedData, build_datasets
 from binarize.engine import checkpoint as ckpt
 from binarize.engine import loop
+from binarize.engine import step as engine_step
 from binarize.engine.losses import distribution_loss, training_loss
 from binarize.engine.optim import ROLES, build_optimizer, parameter_roles
 from binarize.engine.progress import Reporter
 from binarize.engine.schedules import lr_at, tau_at
+from binarize.engine.teachers import Teachers
 from binarize.errors import TrainingError, TrainingInterrupted
 from binarize.files import read_metadata
 from binarize.nn import ReCUConv2d
@@ -69,13 +71,13 @@ def val_loader(model_file: Path, data_root: Path, batch_size: int = 8) -> DataLo
 
 
 class Spy:
-    """Wraps ``loop.training_loss`` and ``loop._to_device`` and records every training step."""
+    """Wraps ``step.training_loss`` and ``step.to_device`` and records every training step."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, interrupt_at: int | None = None) -> None:
         self.steps: list[dict] = []
         self.last_images: torch.Tensor | None = None
         self.interrupt_at = interrupt_at
-        real_loss, real_to_device = loop.training_loss, loop._to_device
+        real_loss, real_to_device = engine_step.training_loss, engine_step.to_device
 
         def to_device(images, labels, device, channels_last):
             images, labels = real_to_device(images, labels, device, channels_last)
@@ -97,8 +99,8 @@ class Spy:
             )
             return value
 
-        monkeypatch.setattr(loop, "_to_device", to_device)
-        monkeypatch.setattr(loop, "training_loss", loss)
+        monkeypatch.setattr(engine_step, "to_device", to_device)
+        monkeypatch.setattr(engine_step, "training_loss", loss)
 
 
 class FileCopier(Reporter):
@@ -220,6 +222,7 @@ def test_tau_per_step(tiny_recipe, tiny_data, monkeypatch):
         real_set_tau(model, tau)
 
     monkeypatch.setattr(loop, "set_tau", set_tau)
+    monkeypatch.setattr(engine_step, "set_tau", set_tau)
     recipe = tiny_recipe("method.granularity=step", "train.limit_train=16")  # 2 epochs of 2 steps
     result = binarize.finetune(None, recipe, data_dir=tiny_data, reporter=Reporter())
     tau = [tau_at(t, 2, recipe.method) for t in (0, 0.5, 1, 1.5)]
@@ -373,15 +376,15 @@ def two_stage_run(tmp_path_factory, two_stage_recipe_file, tiny_data):
     base = tmp_path_factory.mktemp("two-stage")
     run_dir = base / "run"
     flags: list[tuple[str, list[bool], list[bool]]] = []
-    real_train_epoch = loop._train_epoch
+    real_train_epoch = loop.train_epoch
 
-    def train_epoch(run, model, teacher, loaders, optimizer, scaler, stage, *args):
-        convs = [m for m in run.student.modules() if isinstance(m, ReCUConv2d)]
-        flags.append((stage.name, [m.binarize_weights for m in convs], [m.alpha.requires_grad for m in convs]))
-        return real_train_epoch(run, model, teacher, loaders, optimizer, scaler, stage, *args)
+    def train_epoch(context, epoch, global_step):
+        convs = [m for m in context.student.modules() if isinstance(m, ReCUConv2d)]
+        flags.append((context.stage.name, [m.binarize_weights for m in convs], [m.alpha.requires_grad for m in convs]))
+        return real_train_epoch(context, epoch, global_step)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(loop, "_train_epoch", train_epoch)
+        mp.setattr(loop, "train_epoch", train_epoch)
         result = binarize.finetune(
             None,
             recipe,
@@ -465,13 +468,13 @@ def test_distribution_loss_by_hand():
 def test_distill_teacher_none_uses_labels_only(tiny_recipe, tiny_data, monkeypatch):
     spy = Spy(monkeypatch)
     teachers = []
-    real_teacher = loop._teacher
+    real_teacher = Teachers.get
 
-    def teacher(run, stage):
-        teachers.append(real_teacher(run, stage))
+    def teacher(self, distill):
+        teachers.append(real_teacher(self, distill))
         return teachers[-1]
 
-    monkeypatch.setattr(loop, "_teacher", teacher)
+    monkeypatch.setattr(Teachers, "get", teacher)
     recipe = tiny_recipe("epochs=1", "train.limit_train=16", "distill.teacher=none")
     binarize.finetune(None, recipe, data_dir=tiny_data, reporter=Reporter())
     assert teachers == [None] and len(spy.steps) == 2
@@ -543,7 +546,7 @@ def test_parameter_groups_by_role_not_by_name(tiny_models):
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_recipe, tiny_data, tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
-    real_loss = loop.training_loss
+    real_loss = engine_step.training_loss
     calls = []
 
     def loss(*args, **kwargs):
@@ -551,7 +554,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_recipe, t
         value = real_loss(*args, **kwargs)
         return value * float("nan") if len(calls) >= 8 else value  # NaN from step 2 of epoch 2 on
 
-    monkeypatch.setattr(loop, "training_loss", loss)
+    monkeypatch.setattr(engine_step, "training_loss", loss)
     with pytest.raises(TrainingError, match="non-finite in epoch 2") as err:
         binarize.finetune(None, tiny_recipe(), data_dir=tiny_data, output_dir=run_dir, reporter=Reporter())
     assert "\n" not in str(err.value)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
@@ -360,3 +361,12 @@ def test_output_path_problems_are_one_line_errors(tmp_path):
 def test_a_directory_is_not_a_model_file(tmp_path):
     with pytest.raises(FileFormatError, match="is a directory, not a model file"):
         binarize.load(tmp_path)
+
+
+def test_a_deep_copy_keeps_the_record_and_saves(tmp_path):
+    binary = binarize.convert(binarize.create_model("cifar_resnet20"), example_inputs=(torch.zeros(1, 3, 32, 32),))
+    copied = copy.deepcopy(binary)  # a GraphModule's deepcopy rebuilds the module
+    assert binarize.binarize_meta(copied) == binarize.binarize_meta(binary)
+    assert copied.binarize_source == binary.binarize_source and copied.pretrained_cfg == binary.pretrained_cfg
+    binarize.save(copied, tmp_path / "copy.safetensors")
+    assert read_metadata(tmp_path / "copy.safetensors")["source"]["spec"] == "cifar_resnet20"

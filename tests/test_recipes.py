@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import yaml
@@ -251,3 +252,38 @@ def test_the_tau_schedule_sets_tau():
     assert recipe.layer_options().tau == 0.9
     with pytest.raises(ConfigError, match=r"^layer\.tau: is 0\.95 but the tau schedule starts at method\.tau_min"):
         Recipe(layer=LayerOptions(tau=0.95))
+
+
+@pytest.mark.parametrize(
+    ("recipe", "override", "message", "valid_value"),
+    [
+        # a stage field is found beside the top-level keys (not 'policy')
+        ("cifar10-resnet20-posthoc", "epochz=3", r"unknown key 'epochz'; did you mean 'epochs'\?$", "3"),
+        # a field deeper in the recipe is suggested by its full path, and by its every-stage form
+        (
+            "cifar10-resnet20-posthoc",
+            "lr=-1",
+            r"unknown key 'lr'; did you mean 'optimizer\.lr' \(every stage\) or 'stages\.0\.optimizer\.lr'\?$",
+            "0.01",
+        ),
+        (
+            "imagenet-resnet18-two-stage",
+            "stages.1.lr=1",
+            r"unknown key 'lr'; did you mean 'optimizer\.lr' \(every stage\) or 'stages\.1\.optimizer\.lr'\?$",
+            "0.01",
+        ),
+        ("cifar10-resnet20-posthoc", "seed=1", r"unknown key 'seed'; did you mean 'train\.seed'\?$", "1"),
+        ("cifar10-resnet20-posthoc", "model.seed=1", r"unknown key 'seed'; did you mean 'train\.seed'\?$", "1"),
+        ("cifar10-resnet20-posthoc", "wrkers=0", r"unknown key 'wrkers'; did you mean 'data\.workers'\?$", "0"),
+        ("cifar10-resnet20-posthoc", "tau_mni=0.8", r"unknown key 'tau_mni'; did you mean 'method\.tau_min'\?$", "0.8"),
+        ("cifar10-resnet20-posthoc", "policy.foo=0", r"unknown key 'foo'$", None),
+    ],
+)
+def test_unknown_override_keys_point_at_the_field(recipe, override, message, valid_value):
+    with pytest.raises(ConfigError, match=message) as err:
+        load_recipe(recipe, [override])
+    assert str(err.value).startswith(f"--set {override}: ") and "\n" not in str(err.value)
+    suggested = re.findall(r"'([\w.]+)'", str(err.value).partition("did you mean")[2])
+    assert len(suggested) == (0 if valid_value is None else len(suggested)) and (valid_value is None) == (not suggested)
+    for path in suggested:  # every suggestion works as given
+        load_recipe(recipe, [f"{path}={valid_value}"])

@@ -10,9 +10,6 @@ from rich.table import Table
 
 import binarize
 from binarize.cli._common import FormatOption, OutputFormat, console, errors_as_one_line, print_json
-from binarize.data import DataConfig, Loader, build_datasets, resolve_data_config
-from binarize.engine.loop import autocast_dtype
-from binarize.files import run_record
 
 __all__ = ["eval_command"]
 
@@ -31,25 +28,7 @@ def eval_command(
     The images are prepared exactly as in the run that wrote the file (its recorded data settings),
     else from the model's defaults.
     """
-    ctx = binarize.engine.DistContext()
-    target = ctx.device(device)
-    model = binarize.load(file, device=target)
-    run = run_record(model)
-    cfg = DataConfig(workers=workers)
-    resolved = run.data if run is not None and run.data is not None else resolve_data_config(cfg, model)
-    datasets = build_datasets(cfg, data, resolved)
-    if run is not None and run.classes and list(run.classes) != list(datasets.classes):
-        raise binarize.BinarizeError(
-            f"the class folders of {data} differ from those the model was trained on ({len(run.classes)} classes)"
-        )
-    if batch_size < 1:
-        raise binarize.BinarizeError(f"--batch-size must be >= 1, got {batch_size}")
-    # Only the validation split is read: a plain loader, not the train loader's batch-size checks.
-    loader = Loader(datasets.val, batch_size=batch_size, num_workers=workers, pin_memory=target.type == "cuda")
-    try:
-        metrics = binarize.evaluate(model, loader, target, autocast_dtype("fp32", target))
-    finally:
-        loader.close()
+    metrics = binarize.evaluate_file(file, data, batch_size=batch_size, workers=workers, device=device)
     if output_format is OutputFormat.json:
         print_json(metrics)
         return

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import fx, nn
 
-from binarize._utils import default_example_inputs, eval_mode, replace_submodule, unwrap
+from binarize._utils import default_example_inputs, eval_mode, replace_submodule, set_preserved_attr, unwrap
 from binarize.conversion.graph import GraphFacts, is_activation_module, is_fused_norm_act
 from binarize.conversion.policy import Decision, LayerFacts, Policy, check_rules_match, decide
 from binarize.conversion.record import ConversionRecord, LayerRecord, binarize_meta, set_record
@@ -275,7 +275,7 @@ def convert(
         result, info = _convert_untraced(model, policy, layer, example_inputs)
     for attr in _CARRIED_ATTRS:
         if hasattr(source, attr):
-            setattr(result, attr, copy.deepcopy(getattr(source, attr)))
+            set_preserved_attr(result, attr, copy.deepcopy(getattr(source, attr)))
     decisions = info["decisions"]
     record = ConversionRecord(
         policy=policy,

@@ -13,7 +13,7 @@ from typing import Literal
 
 from torch import nn
 
-from binarize._utils import unwrap
+from binarize._utils import set_preserved_attr, unwrap
 from binarize._version import __version__
 from binarize.config import Config, check
 from binarize.conversion.policy import Policy
@@ -98,5 +98,5 @@ def binarize_meta(model: nn.Module) -> ConversionRecord | None:
 
 
 def set_record(model: nn.Module, record: ConversionRecord) -> None:
-    """Attaches (or replaces) the conversion record of ``model``."""
-    setattr(unwrap(model), RECORD_ATTR, record)
+    """Attaches (or replaces) the conversion record of ``model``; it survives ``copy.deepcopy``."""
+    set_preserved_attr(unwrap(model), RECORD_ATTR, record)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
-from binarize.recipes import MethodConfig, ScheduleConfig
+from binarize.recipes import MethodConfig, ScheduleConfig, StageConfig
 
-__all__ = ["tau_at", "lr_at"]
+__all__ = ["tau_at", "lr_at", "lr_curve"]
 
 
 def tau_at(progress: float, total: float, method: MethodConfig) -> float:
@@ -48,3 +49,35 @@ def lr_at(step: int, steps_per_epoch: int, epochs: int, base_lr: float, schedule
     span = max(1, total - warmup)
     cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / span)))
     return schedule.min_lr + (base_lr - schedule.min_lr) * cosine
+
+
+def lr_curve(
+    stages: Sequence[StageConfig], steps_per_epoch: Sequence[int], max_points: int = 2000
+) -> list[tuple[float, float]]:
+    """The learning rate of every optimizer step of a run, as ``(epoch, lr)`` points, from the schedules alone.
+
+    The rate is a pure function of the step (:func:`lr_at`), so the curve needs nothing recorded
+    during training. Step ``s`` of a stage that starts at epoch ``offset`` is drawn at
+    ``offset + s / steps_per_epoch``. A stage with more than ``max_points`` steps is drawn at evenly
+    spaced steps plus the first and last step, the end of the warm-up and the milestones.
+
+    Args:
+        stages: The recipe's stages, in order.
+        steps_per_epoch: Optimizer steps per epoch of each stage.
+        max_points: Points drawn per stage at most (plus the boundaries).
+    """
+    points: list[tuple[float, float]] = []
+    offset = 0
+    for stage, per_epoch in zip(stages, steps_per_epoch, strict=True):
+        total = per_epoch * stage.epochs
+        schedule = stage.schedule
+        warmup = int(round(schedule.warmup_epochs * per_epoch))
+        edges = {warmup - 1, warmup, total - 1}
+        edges |= {m * per_epoch - 1 for m in schedule.milestones} | {m * per_epoch for m in schedule.milestones}
+        stride = max(1, math.ceil(total / max_points))
+        steps = sorted({*range(0, total, stride), *(e for e in edges if 0 <= e < total)})
+        for step in steps:
+            lr = lr_at(step, per_epoch, stage.epochs, stage.optimizer.lr, schedule)
+            points.append((offset + step / max(per_epoch, 1), lr))
+        offset += stage.epochs
+    return points

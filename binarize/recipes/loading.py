@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib.resources
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +83,7 @@ def _set_path(data: dict[str, Any], parts: list[str], value: Any, full: str) -> 
             node = node[int(part)]
         elif isinstance(node, dict):
             if part not in node:
-                raise ConfigError(f"--set {full}: unknown key '{part}'{nearest(part, node)}")
+                raise _unknown_key(data, parts[:i], part, full)
             if node[part] is None:
                 node[part] = {}
             node = node[part]
@@ -94,10 +96,81 @@ def _set_path(data: dict[str, Any], parts: list[str], value: Any, full: str) -> 
         node[int(last)] = value
     elif isinstance(node, dict):
         if last not in node:
-            raise ConfigError(f"--set {full}: unknown key '{last}'{nearest(last, node)}")
+            raise _unknown_key(data, parts[:-1], last, full)
         node[last] = value
     else:
         raise ConfigError(f"--set {full}: '{'.'.join(parts[:-1])}' is a value, not a section")
+
+
+def _stage_fields() -> list[str]:
+    return [f.name for f in dataclasses.fields(StageConfig)]
+
+
+def _unknown_key(data: dict[str, Any], where: list[str], key: str, full: str) -> ConfigError:
+    """The error for a key that is not at ``where``, suggesting where a field of that name (or a close one) is.
+
+    A field of exactly that name under ``where``, else anywhere in the recipe, is suggested by its
+    full path (a stage field also by its every-stage form, ``optimizer.lr``). Else the closer of: a
+    key at ``where`` (at the top level: or a stage field), and a field name anywhere (by its paths).
+    """
+    node: Any = data
+    for part in where:
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    paths = [where + p for p in _paths_named(node, key)] or _paths_named(data, key)
+    if not paths:
+        local = _closest(key, list(node) + (_stage_fields() if not where else []), cutoff=0.5)
+        deep = _closest(key, _field_names(data), cutoff=0.7)
+        if local is not None and (deep is None or local[0] >= deep[0]):
+            return ConfigError(f"--set {full}: unknown key '{key}'; did you mean '{local[1]}'?")
+        paths = _paths_named(data, deep[1]) if deep is not None else []
+    suggestion = f"; did you mean {_spell_paths(data, paths)}?" if paths else ""
+    return ConfigError(f"--set {full}: unknown key '{key}'{suggestion}")
+
+
+def _closest(word: str, choices: Iterable[str], cutoff: float) -> tuple[float, str] | None:
+    """The most similar choice and its similarity (difflib's ratio), if at least ``cutoff``."""
+    scored = [(difflib.SequenceMatcher(None, word, c).ratio(), c) for c in sorted(set(choices))]
+    best = max(scored, key=lambda sc: sc[0], default=None)
+    return best if best is not None and best[0] >= cutoff else None
+
+
+def _paths_named(node: Any, name: str, prefix: tuple[str, ...] = ()) -> list[list[str]]:
+    """Paths (from ``node``) of every field called ``name``, in document order."""
+    found: list[list[str]] = []
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, child in items:
+        path = (*prefix, str(key))
+        if isinstance(node, dict) and key == name:
+            found.append(list(path))
+        found += _paths_named(child, name, path)
+    return found
+
+
+def _field_names(node: Any) -> set[str]:
+    if isinstance(node, dict):
+        return set(node) | {n for child in node.values() for n in _field_names(child)}
+    if isinstance(node, list):
+        return {n for child in node for n in _field_names(child)}
+    return set()
+
+
+def _spell_paths(data: dict[str, Any], paths: list[list[str]], limit: int = 3) -> str:
+    """``'train.seed'``; a field of the stages as ``'optimizer.lr' (every stage) or 'stages.0.optimizer.lr'``."""
+    spelled: list[str] = []
+    stage_fields: set[str] = set()
+    for path in paths:
+        if path[0] == "stages" and len(path) > 2:
+            rest = ".".join(path[2:])
+            if rest in stage_fields:  # the same field of a later stage
+                continue
+            stage_fields.add(rest)
+            if path[2] not in data:  # apply_overrides' every-stage form reaches it
+                spelled.append(f"'{rest}' (every stage)")
+            spelled.append(f"'stages.{path[1]}.{rest}'")
+        elif f"'{'.'.join(path)}'" not in spelled:
+            spelled.append(f"'{'.'.join(path)}'")
+    spelled = spelled[:limit]
+    return spelled[0] if len(spelled) == 1 else ", ".join(spelled[:-1]) + " or " + spelled[-1]
 
 
 def apply_overrides(recipe: Recipe, overrides: list[str] | tuple[str, ...]) -> Recipe:
@@ -110,7 +183,7 @@ def apply_overrides(recipe: Recipe, overrides: list[str] | tuple[str, ...]) -> R
     if not overrides:
         return recipe
     data = recipe.to_dict()
-    stage_fields = {f.name for f in dataclasses.fields(StageConfig)}
+    stage_fields = set(_stage_fields())
     for item in overrides:
         key, sep, raw = item.partition("=")
         key = key.strip()

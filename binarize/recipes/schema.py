@@ -221,6 +221,8 @@ class TrainConfig(Config):
         bn_calibration_batches: Batches used to re-estimate BatchNorm statistics right after conversion.
         log_every: Steps between progress updates (each reads the loss back from the device).
         limit_train: Train on a seeded, class-balanced subset of this many images.
+        limit_val: Validate every epoch on a seeded, class-balanced subset of this many images
+            (the same images whatever ``seed``).
     """
 
     seed: int = 0
@@ -231,6 +233,7 @@ class TrainConfig(Config):
     bn_calibration_batches: int = 50
     log_every: int = 20
     limit_train: int | None = None
+    limit_val: int | None = None
 
     def validate(self) -> None:
         ok = self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:") and self.device[5:].isdigit())
@@ -238,6 +241,7 @@ class TrainConfig(Config):
         check(self.bn_calibration_batches >= 0, "bn_calibration_batches", "must be >= 0")
         check(self.log_every >= 1, "log_every", "must be >= 1")
         check(self.limit_train is None or self.limit_train >= 1, "limit_train", "must be >= 1 or null")
+        check(self.limit_val is None or self.limit_val >= 1, "limit_val", "must be >= 1 or null")
 
 
 @dataclasses.dataclass(frozen=True)

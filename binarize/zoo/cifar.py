@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from timm.models import PretrainedCfg, get_pretrained_cfg, register_model
 from torch import nn
 
+from binarize.data.constants import IMAGENET_MEAN, IMAGENET_STD
 from binarize.errors import ModelSpecError
 
 __all__ = [
@@ -52,8 +53,8 @@ __all__ = [
 ]
 
 # Normalisation the shared CIFAR-10 checkpoints were trained with (ImageNet statistics, pixels in [0, 1]).
-CIFAR_MEAN = (0.485, 0.456, 0.406)
-CIFAR_STD = (0.229, 0.224, 0.225)
+CIFAR_MEAN = IMAGENET_MEAN
+CIFAR_STD = IMAGENET_STD
 
 
 class OptionAShortcut(nn.Module):

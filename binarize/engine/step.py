@@ -1,0 +1,127 @@
+"""One training epoch of a stage: the optimizer steps, with no host sync but the periodic loss read.
+
+Every step sets the learning rate from the schedule (a pure function of the step), runs the student
+(and the teacher) under autocast, and steps the optimizer through the gradient scaler. The loss is
+read back to the host only every ``train.log_every`` steps (summed over processes, so that every
+process stops together on a non-finite loss) and at the end of the epoch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+
+import torch
+from torch import nn
+
+from binarize.data import Loader
+from binarize.engine.distributed import DistContext, all_reduce_sum
+from binarize.engine.evaluation import to_device
+from binarize.engine.layers import set_tau
+from binarize.engine.losses import training_loss
+from binarize.engine.progress import Reporter
+from binarize.engine.schedules import lr_at, tau_at
+from binarize.errors import TrainingError
+from binarize.recipes import MethodConfig, StageConfig, TrainConfig
+
+__all__ = ["EpochContext", "train_epoch", "non_finite"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EpochContext:
+    """What every epoch of one stage needs, built once per stage.
+
+    Attributes:
+        model: What runs forward: the student, or its DistributedDataParallel / compiled wrapper.
+        student: The plain student (tau is set and gradients are clipped on it).
+        teacher: The frozen distillation teacher, or None.
+        loader: The train loader, set to the epoch by the caller.
+        optimizer: The stage's optimizer.
+        scaler: The gradient scaler (enabled for fp16 only).
+        stage: The stage's settings.
+        method: ReCU's tau schedule.
+        train: Execution settings (``channels_last``, ``log_every``).
+        device: The process's device.
+        dtype: The autocast dtype, None for full precision.
+        ctx: This process's place in the job.
+        reporter: Progress display.
+    """
+
+    model: nn.Module
+    student: nn.Module
+    teacher: nn.Module | None
+    loader: Loader
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    stage: StageConfig
+    method: MethodConfig
+    train: TrainConfig
+    device: torch.device
+    dtype: torch.dtype | None
+    ctx: DistContext
+    reporter: Reporter
+
+
+def train_epoch(context: EpochContext, epoch: int, step: int) -> tuple[dict[str, float], int]:
+    """Trains one epoch (index ``epoch`` within the stage) starting at the stage's global ``step``.
+
+    Returns:
+        ``{"loss", "seconds", "images_per_s"}`` (the loss averaged over steps and processes, the
+        throughput summed over processes) and the global step after the epoch.
+
+    Raises:
+        TrainingError: The running loss became non-finite.
+    """
+    c = context
+    stage, device = c.stage, c.device
+    steps = len(c.loader)
+    c.model.train()
+    loss_sum = torch.zeros((), device=device)
+    images_seen, start = 0, time.perf_counter()
+    params = [p for p in c.student.parameters() if p.requires_grad]
+    c.reporter.start_epoch(epoch + 1, stage.epochs, steps, stage.name)
+    for i, (images, labels) in enumerate(c.loader):
+        images, labels = to_device(images, labels, device, c.train.channels_last)
+        lr = lr_at(step, steps, stage.epochs, stage.optimizer.lr, stage.schedule)
+        for group in c.optimizer.param_groups:
+            group["lr"] = lr
+        if c.method.granularity == "step":
+            set_tau(c.student, tau_at(epoch + i / steps, stage.epochs, c.method))
+        with torch.autocast(device.type, dtype=c.dtype or torch.float32, enabled=c.dtype is not None):
+            logits = c.model(images)
+            with torch.no_grad():
+                teacher_logits = c.teacher(images) if c.teacher is not None else None
+            loss = training_loss(logits, labels, teacher_logits, stage.distill, stage.label_smoothing)
+        c.optimizer.zero_grad(set_to_none=True)
+        c.scaler.scale(loss).backward()
+        if stage.grad_clip is not None:
+            c.scaler.unscale_(c.optimizer)
+            torch.nn.utils.clip_grad_norm_(params, stage.grad_clip)
+        c.scaler.step(c.optimizer)
+        c.scaler.update()
+        step += 1
+        loss_sum += loss.detach()
+        images_seen += labels.shape[0]
+        if (i + 1) % c.train.log_every == 0 or i + 1 == steps:
+            # the sum over processes, so that every process stops together on a non-finite loss
+            mean = all_reduce_sum(loss_sum.clone(), c.ctx).item() / ((i + 1) * c.ctx.world_size)
+            if not math.isfinite(mean):
+                raise non_finite("loss", epoch, stage, f" (step {i + 1})")
+            c.reporter.step(i + 1, mean, images_seen / max(time.perf_counter() - start, 1e-9))
+    seconds = time.perf_counter() - start
+    totals = torch.zeros(2, device=device)
+    totals[0] += loss_sum
+    totals[1] += steps
+    all_reduce_sum(totals, c.ctx)
+    mean_loss = (totals[0] / totals[1]).item()
+    images_total = images_seen * c.ctx.world_size
+    return {"loss": mean_loss, "seconds": seconds, "images_per_s": images_total / max(seconds, 1e-9)}, step
+
+
+def non_finite(what: str, epoch: int, stage: StageConfig, where: str = "") -> TrainingError:
+    """The error that stops a run whose loss (or validation loss) became NaN or infinite."""
+    return TrainingError(
+        f"the {what} became non-finite in epoch {epoch + 1} of stage '{stage.name}'{where}; the last good "
+        "checkpoint is kept: lower the learning rate or clip gradients (--set grad_clip=1.0)"
+    )
