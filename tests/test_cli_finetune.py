@@ -358,8 +358,10 @@ def test_two_process_gloo_run(two_stage_recipe_file, make_images, tmp_path):
     assert "Traceback" not in proc.stderr
     assert len(re.findall(r"best: epoch", proc.stderr)) == 1  # only the main process reports
     # files written once, by the main process
-    names = {p.name for p in out.iterdir()} - {"curves.png", "tensorboard"}  # those two need optional packages
-    assert names == {"best.safetensors", "last.safetensors", "metrics.jsonl", "recipe.yaml", "state.pt"}
+    optional = {"curves.png", "tensorboard", "diagnostics.png", "weights.png"}  # they need optional packages
+    names = {p.name for p in out.iterdir()} - optional
+    expected = {"best.safetensors", "last.safetensors", "metrics.jsonl", "recipe.yaml", "state.pt", "diagnostics.jsonl"}
+    assert names == expected
     records = read_metrics(out)
     assert [(r["epoch"], r["stage"]) for r in records] == [
         (0, "converted"),

@@ -215,19 +215,28 @@ def test_logged_tau_is_the_schedule_and_reaches_the_layers(straight_run):
 
 def test_tau_per_step(tiny_recipe, tiny_data, monkeypatch):
     calls = []
-    real_set_tau = loop.set_tau
+    real_step = engine_step.training_loss
 
-    def set_tau(model, tau):
-        calls.append(tau)
-        real_set_tau(model, tau)
+    def training_loss(logits, *args, **kwargs):  # called once per training step, after the forward
+        calls.append(seen[-1])
+        return real_step(logits, *args, **kwargs)
 
-    monkeypatch.setattr(loop, "set_tau", set_tau)
-    monkeypatch.setattr(engine_step, "set_tau", set_tau)
+    seen = []
+    real_convert = loop.convert
+
+    def convert(*args, **kwargs):  # record the tau the first binary layer holds at every training forward
+        model = real_convert(*args, **kwargs)
+        layer = next(m for m in model.modules() if isinstance(m, ReCUConv2d))
+        layer.register_forward_pre_hook(lambda m, a: seen.append(m.tau.item()) if m.training else None)
+        return model
+
+    monkeypatch.setattr(loop, "convert", convert)
+    monkeypatch.setattr(engine_step, "training_loss", training_loss)
     recipe = tiny_recipe("method.granularity=step", "train.limit_train=16")  # 2 epochs of 2 steps
     result = binarize.finetune(None, recipe, data_dir=tiny_data, reporter=Reporter())
     tau = [tau_at(t, 2, recipe.method) for t in (0, 0.5, 1, 1.5)]
-    # after conversion; then each epoch: at its start, then before every step
-    assert calls == [tau[0], tau[0], tau[0], tau[1], tau[2], tau[2], tau[3]]
+    # the tau of every training step: tau(epoch + i / steps)
+    assert calls == pytest.approx(tau, abs=1e-7)
     assert [r["tau"] for r in result.history] == [tau[0], tau[0], tau[2]]
     layer_taus = [m.tau.item() for m in result.model.modules() if isinstance(m, ReCUConv2d)]
     assert layer_taus == pytest.approx([tau[3]] * 2, abs=1e-7)
@@ -304,6 +313,27 @@ def test_interrupt_then_resume_is_bit_identical(straight_run, tiny_recipe, tiny_
     assert without_timing(read_metrics(run_dir)) == without_timing(read_metrics(straight_dir))
     assert without_timing(result.history) == without_timing(straight.history)
     assert without_timing([result.best]) == without_timing([straight.best])
+    # the diagnostics continue too: the never-flipped state came back from the checkpoint
+    resumed = (run_dir / "diagnostics.jsonl").read_text()
+    assert resumed == (straight_dir / "diagnostics.jsonl").read_text()
+
+
+def test_diagnostics_are_written_after_conversion_and_every_epoch(straight_run):
+    recipe, run_dir, result = straight_run
+    lines = [json.loads(line) for line in (run_dir / "diagnostics.jsonl").read_text().splitlines()]
+    layers = [name for name, m in result.model.named_modules() if isinstance(m, ReCUConv2d)]
+    assert [(r["epoch"], r["layer"]) for r in lines] == [(e, name) for e in (0, 1, 2) for name in layers]
+    keys = ("clipped", "clipped_nominal", "flip_rate", "changed_from_start", "never_flipped", "saturation")
+    keys += ("quant_error", "entropy", "weight_shape")
+    assert all(set(r) == {"epoch", "layer", *keys} for r in lines)
+    first, last = lines[0], lines[-1]
+    assert first["flip_rate"] is None and first["changed_from_start"] == 0 and first["never_flipped"] == 1
+    assert 0 <= last["flip_rate"] <= 1 and last["never_flipped"] <= 1 - last["changed_from_start"] + 1e-12
+    taus = [r["tau"] for r in read_metrics(run_dir)]
+    assert [r["clipped_nominal"] for r in lines[:: len(layers)]] == pytest.approx([2 * (1 - t) for t in taus])
+    assert all(0 <= r["saturation"] <= 1 for r in lines)  # measured on validation batches
+    state = ckpt.load_state(run_dir)
+    assert sorted(state["sign_tracker"]["layers"]) == sorted(layers)
 
 
 def test_ctrl_c_while_checkpointing_waits_for_the_checkpoint(straight_run, tiny_data, tmp_path, monkeypatch):

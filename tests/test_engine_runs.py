@@ -277,8 +277,16 @@ def test_a_float_model_with_a_reset_head_is_not_a_teacher(tiny_recipe, net_spec)
 
 def test_the_run_directory_is_only_written_by_the_run(one_epoch):
     _, out, _ = one_epoch
-    names = {p.name for p in out.iterdir()} - {"tensorboard", "curves.png"}  # those two need optional packages
-    assert names == {"best.safetensors", "last.safetensors", "metrics.jsonl", "recipe.yaml", "state.pt"}
+    optional = {"tensorboard", "curves.png", "diagnostics.png", "weights.png"}  # they need optional packages
+    names = {p.name for p in out.iterdir()} - optional
+    assert names == {
+        "best.safetensors",
+        "last.safetensors",
+        "metrics.jsonl",
+        "recipe.yaml",
+        "state.pt",
+        "diagnostics.jsonl",
+    }
     assert not [n for n in os.listdir(out) if n.endswith(".tmp") or n.startswith(".binarize-probe-")]
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from binarize.diagnostics.history import DIAGNOSTICS
 from binarize.engine import checkpoint as ckpt
 from binarize.engine.distributed import DistContext
 from binarize.engine.records import METRICS
@@ -27,7 +28,7 @@ from binarize.recipes import Recipe, dump_recipe
 __all__ = ["RECIPE_FILE", "RUN_FILES", "prepare_run_dir", "create_run_dir", "check_same_recipe", "write_recipe"]
 
 RECIPE_FILE = "recipe.yaml"
-RUN_FILES = (ckpt.STATE, ckpt.LAST, ckpt.BEST, ckpt.INTERRUPTED, METRICS, RECIPE_FILE)
+RUN_FILES = (ckpt.STATE, ckpt.LAST, ckpt.BEST, ckpt.INTERRUPTED, METRICS, RECIPE_FILE, DIAGNOSTICS)
 """The files a run writes; any of them marks a directory as holding a run."""
 
 

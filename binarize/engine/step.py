@@ -18,12 +18,12 @@ from torch import nn
 from binarize.data import Loader
 from binarize.engine.distributed import DistContext, all_reduce_sum
 from binarize.engine.evaluation import to_device
-from binarize.engine.layers import set_tau
 from binarize.engine.losses import training_loss
 from binarize.engine.progress import Reporter
-from binarize.engine.schedules import lr_at, tau_at
+from binarize.engine.schedules import lr_at
+from binarize.engine.tau_scheduler import TauScheduler
 from binarize.errors import TrainingError
-from binarize.recipes import MethodConfig, StageConfig, TrainConfig
+from binarize.recipes import StageConfig, TrainConfig
 
 __all__ = ["EpochContext", "train_epoch", "non_finite"]
 
@@ -40,7 +40,8 @@ class EpochContext:
         optimizer: The stage's optimizer.
         scaler: The gradient scaler (enabled for fp16 only).
         stage: The stage's settings.
-        method: ReCU's tau schedule.
+        tau: The stage's tau schedule (stepped after every optimizer step when it counts steps), or
+            None for a model without binary weights.
         train: Execution settings (``channels_last``, ``log_every``).
         device: The process's device.
         dtype: The autocast dtype, None for full precision.
@@ -55,7 +56,7 @@ class EpochContext:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     stage: StageConfig
-    method: MethodConfig
+    tau: TauScheduler | None
     train: TrainConfig
     device: torch.device
     dtype: torch.dtype | None
@@ -86,8 +87,6 @@ def train_epoch(context: EpochContext, epoch: int, step: int) -> tuple[dict[str,
         lr = lr_at(step, steps, stage.epochs, stage.optimizer.lr, stage.schedule)
         for group in c.optimizer.param_groups:
             group["lr"] = lr
-        if c.method.granularity == "step":
-            set_tau(c.student, tau_at(epoch + i / steps, stage.epochs, c.method))
         with torch.autocast(device.type, dtype=c.dtype or torch.float32, enabled=c.dtype is not None):
             logits = c.model(images)
             with torch.no_grad():
@@ -101,6 +100,8 @@ def train_epoch(context: EpochContext, epoch: int, step: int) -> tuple[dict[str,
         c.scaler.step(c.optimizer)
         c.scaler.update()
         step += 1
+        if c.tau is not None and c.tau.per_step and step < steps * stage.epochs:
+            c.tau.step()  # the next step's tau; the last step of the stage keeps its own
         loss_sum += loss.detach()
         images_seen += labels.shape[0]
         if (i + 1) % c.train.log_every == 0 or i + 1 == steps:

@@ -221,6 +221,9 @@ class TrainConfig(Config):
         bn_calibration_batches: Batches used to re-estimate BatchNorm statistics right after conversion.
         log_every: Steps between progress updates (each reads the loss back from the device).
         limit_train: Train on a seeded, class-balanced subset of this many images.
+        diagnostics: Write the dead-weight diagnostics of every binary layer to ``diagnostics.jsonl``
+            after conversion and after every epoch (docs/diagnostics.md; a few extra passes per epoch).
+        diagnostics_batches: Validation batches that measure the activation saturation (0: none).
         limit_val: Validate every epoch on a seeded, class-balanced subset of this many images
             (the same images whatever ``seed``).
     """
@@ -234,6 +237,8 @@ class TrainConfig(Config):
     log_every: int = 20
     limit_train: int | None = None
     limit_val: int | None = None
+    diagnostics: bool = True
+    diagnostics_batches: int = 4
 
     def validate(self) -> None:
         ok = self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:") and self.device[5:].isdigit())
@@ -242,6 +247,7 @@ class TrainConfig(Config):
         check(self.log_every >= 1, "log_every", "must be >= 1")
         check(self.limit_train is None or self.limit_train >= 1, "limit_train", "must be >= 1 or null")
         check(self.limit_val is None or self.limit_val >= 1, "limit_val", "must be >= 1 or null")
+        check(self.diagnostics_batches >= 0, "diagnostics_batches", "must be >= 0")
 
 
 @dataclasses.dataclass(frozen=True)
