@@ -17,13 +17,7 @@ from binarize.conversion import register_activation, register_binarizable, regis
 from binarize.errors import ConfigError
 from binarize.nn import ReCUConv2d
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: small models run best on one thread
 
 
 @pytest.fixture

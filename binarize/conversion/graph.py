@@ -67,7 +67,7 @@ class GraphFacts:
     """Node classification and data-flow facts of one traced model.
 
     Args:
-        gm: The traced model, with shapes propagated (``node.meta['tensor_meta']``).
+        gm: The traced model, with shapes propagated (:func:`~binarize.conversion.trace.propagate_shapes`).
     """
 
     def __init__(self, gm: fx.GraphModule) -> None:

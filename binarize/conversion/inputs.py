@@ -12,7 +12,7 @@ from torch import nn
 from binarize._utils import default_example_inputs, run_with_hooks
 from binarize.errors import ConfigError
 
-__all__ = ["as_example_inputs", "describe_failure", "run_checked"]
+__all__ = ["as_example_inputs", "describe_failure", "first_line", "run_checked"]
 
 
 def as_example_inputs(model: nn.Module, example_inputs: Any) -> tuple[torch.Tensor, ...]:
@@ -57,15 +57,16 @@ def describe_failure(name: str, module: nn.Module, args: tuple, err: Exception, 
         elif x.shape[1] != module.in_channels:
             what = f"{label} expects {module.in_channels} input channels, {origin} has {x.shape[1]}"
         else:
-            what = f"{label} ({type(module).__name__}) failed on {origin} of size {_size(x)}: {_first_line(err)}"
+            what = f"{label} ({type(module).__name__}) failed on {origin} of size {_size(x)}: {first_line(err)}"
     elif isinstance(module, nn.Linear) and x is not None and x.dim() >= 1 and x.shape[-1] != module.in_features:
         what = f"{label} expects {module.in_features} input features, {origin} has {x.shape[-1]} (size {_size(x)})"
     else:
-        what = f"{label} failed on the example input of size {_size(example)}: {_first_line(err)}"
+        what = f"{label} failed on the example input of size {_size(example)}: {first_line(err)}"
     return f"{what}; pass example inputs of the model's input size"
 
 
-def _first_line(err: Exception) -> str:
+def first_line(err: Exception) -> str:
+    """``"TypeName: first line of the message"`` (the type alone for an empty message)."""
     text = str(err).strip()
     return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from binarize._utils import unwrap
 from binarize.conversion.calibration import recalibrate_bn
-from binarize.conversion.inputs import as_example_inputs
+from binarize.conversion.inputs import as_example_inputs, first_line
 from binarize.conversion.layers import Converted, layer_modules
 from binarize.conversion.policy import Policy
 from binarize.conversion.record import ConversionRecord, LayerRecord, binarize_meta, set_record
@@ -47,11 +47,6 @@ def _check_arguments(model: object, policy: object, layer: object) -> None:
         raise ConfigError(f"convert(): policy must be a binarize.Policy, got {type(policy).__name__}")
     if not isinstance(layer, LayerOptions):
         raise ConfigError(f"convert(): layer must be a binarize.LayerOptions, got {type(layer).__name__}")
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def _warnings(source: nn.Module, converted: Converted) -> tuple[str, ...]:
@@ -115,7 +110,7 @@ def convert(
         gm = trace(model, leaves)
         propagate_shapes(gm, example_inputs)
     except Exception as err:  # noqa: BLE001 - any tracing failure means: convert without a graph
-        gm, trace_error = None, _first_line(err)
+        gm, trace_error = None, first_line(err)
     if gm is not None:
         converted = convert_traced(gm, model, policy, layer)
     else:
