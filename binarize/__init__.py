@@ -12,7 +12,17 @@ The public API::
 """
 
 from binarize._version import __version__
-from binarize.conversion import Policy, Report, binarize_meta, convert, inspect, recalibrate_bn
+from binarize.conversion import (
+    Policy,
+    Report,
+    binarize_meta,
+    convert,
+    inspect,
+    recalibrate_bn,
+    register_activation,
+    register_binarizable,
+    register_leaf_module,
+)
 from binarize.diagnostics import Diagnosis, LayerDiagnostics, SignTracker, diagnose
 from binarize.engine import FinetuneResult, TauScheduler, evaluate, evaluate_file, finetune
 from binarize.errors import BinarizeError
@@ -44,6 +54,9 @@ __all__ = [
     "load",
     "load_recipe",
     "recalibrate_bn",
+    "register_activation",
+    "register_binarizable",
+    "register_leaf_module",
     "run_record",
     "save",
 ]

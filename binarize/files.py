@@ -303,7 +303,21 @@ def load(path: str | Path, model: nn.Module | None = None, *, device: str | torc
                 f"{path} was converted from a model built by your code; pass it: binarize.load(path, model=float_model)"
             )
         model = create_model(source["spec"], num_classes=source.get("num_classes"))
-    binary = convert(model, header.policy, default_example_inputs(model, header.input_size), layer=header.layer)
+    from binarize.conversion.registry import import_class  # here: only load resolves recorded leaf classes
+
+    leaf_modules = []
+    for name in header.conversion.leaf_modules if header.conversion else ():
+        try:
+            leaf_modules.append(import_class(name))
+        except ConfigError as err:
+            raise FileFormatError(f"{path} needs the leaf module {name}: {err}") from err
+    binary = convert(
+        model,
+        header.policy,
+        default_example_inputs(model, header.input_size),
+        layer=header.layer,
+        leaf_modules=leaf_modules,
+    )
     if source and not hasattr(binary, SOURCE_ATTR):
         set_preserved_attr(binary, SOURCE_ATTR, source)
     try:

@@ -837,3 +837,152 @@ def test_recalibrate_bn_on_a_converted_model_changes_its_output():
         h = sign_conv(binary.conv2, a)
     torch.testing.assert_close(binary.bn2.running_mean, h.mean(dim=(0, 2, 3)))
     torch.testing.assert_close(binary.bn2.running_var, h.var(dim=(0, 2, 3)))
+
+
+@pytest.mark.parametrize("kind", ["empty", "consumed"])
+def test_recalibrate_bn_without_batches_raises_and_leaves_the_statistics_alone(kind):
+    torch.manual_seed(0)
+    model = CalibNet().eval()
+    batches = [torch.randn(4, 3, 8, 8) for _ in range(2)]
+    if kind == "empty":
+        source = []
+    else:  # the README's pattern used twice: a generator is consumed by the first call
+        source = (x for x in batches)
+        binarize.recalibrate_bn(model, source)
+        assert model.bn1.num_batches_tracked == 2
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(binarize.BinarizeError) as info:
+        binarize.recalibrate_bn(model, source)
+    assert str(info.value) == (
+        "recalibrate_bn: no batches (the iterable is empty or already consumed); pass a list or a fresh iterable"
+    )
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    assert (model.bn1.momentum, model.bn2.momentum) == (0.3, None) and not model.training
+
+
+def test_recalibrate_bn_restores_the_statistics_when_a_batch_fails():
+    model = CalibNet().eval()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RuntimeError):
+        binarize.recalibrate_bn(model, [torch.randn(4, 3, 8, 8), torch.randn(4, 5, 8, 8)])  # the second does not fit
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    with pytest.raises(binarize.BinarizeError, match=r"^recalibrate_bn takes an iterable of batches, got one tensor"):
+        binarize.recalibrate_bn(model, torch.randn(4, 3, 8, 8))
+    with pytest.raises(binarize.BinarizeError, match=r"^recalibrate_bn: max_batches must be >= 1"):
+        binarize.recalibrate_bn(model, [torch.randn(4, 3, 8, 8)], max_batches=0)
+
+
+def _last_layers(model: nn.Module, size: int) -> list[str]:
+    binary = binarize.convert(model.eval(), example_inputs=torch.randn(1, 3, size, size))
+    return [n for n, r in binarize.binarize_meta(binary).layers.items() if r.reason == "last layer"]
+
+
+@pytest.mark.parametrize(
+    ("spec", "size", "headless_last", "head"),
+    [("cifar_resnet20", 32, "layer3.2.conv2", "linear"), ("resnet18", 64, "layer4.1.conv2", "fc")],
+)
+def test_last_layer_of_a_headless_model_is_the_final_conv(spec, size, headless_last, head):
+    # Without a head, the convs of every block reach the output through the identity shortcuts of the blocks
+    # after them (9 of 18 in cifar_resnet20 were "last"); only the final block's last conv feeds the output.
+    torch.manual_seed(0)
+    assert _last_layers(build(spec), size) == [head]
+    assert _last_layers(timm.create_model(spec, pretrained=False, num_classes=0), size) == [headless_last]
+
+
+def test_last_layers_of_a_model_with_two_outputs():
+    class TwoHeads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem, self.body = nn.Conv2d(3, 16, 3), nn.Conv2d(16, 16, 3)
+            self.box, self.cls = nn.Conv2d(16, 4, 1), nn.Conv2d(16, 10, 1)
+
+        def forward(self, x):
+            y = self.body(torch.relu(self.stem(x)))
+            return self.box(y), self.cls(y), y  # the features feed both heads: not a last layer
+
+    assert _last_layers(TwoHeads(), 16) == ["box", "cls"]
+
+
+def _assert_one_line_error(capfd, model: nn.Module, inputs, message: str) -> None:
+    with pytest.raises(binarize.BinarizeError) as info:
+        binarize.convert(model, example_inputs=inputs)
+    assert str(info.value) == message
+    out, err = capfd.readouterr()
+    assert (out, err) == ("", "")  # torch.fx's ShapeProp printed a 24-line traceback here
+
+
+def test_example_inputs_with_the_wrong_channels_are_one_line_errors(capfd):
+    model = build("cifar_resnet20").eval()
+    _assert_one_line_error(
+        capfd,
+        model,
+        torch.zeros(1, 1, 32, 32),
+        "conv1 expects 3 input channels, the example input has 1; pass example inputs of the model's input size",
+    )
+    _assert_one_line_error(
+        capfd,
+        Untraceable(),  # the untraced path runs the model eagerly: the same message
+        torch.zeros(1, 4, 16, 16),
+        "conv1 expects 3 input channels, the example input has 4; pass example inputs of the model's input size",
+    )
+    fixed = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 8 * 8, 10))
+    _assert_one_line_error(
+        capfd,
+        fixed,
+        torch.zeros(1, 3, 16, 16),
+        "3 expects 512 input features, its input has 2048 (size 1x2048); pass example inputs of the model's input size",
+    )
+
+
+def test_example_inputs_with_the_wrong_dimensions_are_one_line_errors(capfd):
+    conv1d = nn.Sequential(nn.Conv1d(3, 16, 3), nn.ReLU(), nn.Conv1d(16, 16, 3))
+    _assert_one_line_error(
+        capfd,
+        conv1d,
+        torch.zeros(1, 3, 32, 32),
+        "0 (Conv1d) expects 3-dimensional input (N, C, L), the example input is 1x3x32x32; pass example inputs of "
+        "the model's input size",
+    )
+    with pytest.raises(binarize.BinarizeError, match=r"^example_inputs\[0\]: expected a tensor, got int$"):
+        binarize.convert(TwoConv(), example_inputs=(3,))
+
+
+def test_convert_takes_a_module_and_typed_options():
+    with pytest.raises(binarize.BinarizeError) as info:
+        binarize.convert(42)
+    assert str(info.value) == "convert() takes an nn.Module, got int"
+    with pytest.raises(binarize.BinarizeError, match=r"^convert\(\): policy must be a binarize.Policy, got dict$"):
+        binarize.convert(TwoConv(), {"keep_first": False})
+    with pytest.raises(binarize.BinarizeError, match=r"^convert\(\): layer must be a binarize.LayerOptions, got"):
+        binarize.convert(TwoConv(), layer={"tau": 0.9})
+
+
+def test_a_model_without_convolutions_converts_with_a_warning():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 3))
+    binary = binarize.convert(model, example_inputs=torch.zeros(1, 3, 2, 2))
+    assert binarize.binarize_meta(binary).warnings == ("no convolution found: nothing was binarized",)
+    assert binarize.inspect(binary).summary.warnings == ("no convolution found: nothing was binarized",)
+    assert binarize.inspect(binary).to_dict()["summary"]["warnings"] == ["no convolution found: nothing was binarized"]
+    assert binarize.binarize_meta(binarize.convert(TwoConv(), example_inputs=torch.zeros(1, 3, 8, 8))).warnings == ()
+
+
+def test_one_new_module_per_activation_call_site():
+    # torchvision's BasicBlock calls its one `relu` module twice; each call that feeds a binary conv gets its
+    # own PReLU (shared weights would tie two sites together), as timm's blocks with two ReLU modules do.
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 64, 64)
+    policy = binarize.Policy(activation="prelu")
+    for model in (torchvision.models.resnet18(num_classes=10), timm.create_model("resnet18", num_classes=10)):
+        binary = binarize.convert(model.eval(), policy, x)
+        prelus = [m for m in binary.modules() if isinstance(m, nn.PReLU)]
+        replaced = binarize.binarize_meta(binary).activations_replaced
+        assert len(prelus) == len({id(m) for m in prelus}) == len(replaced) == len(set(replaced)) == 16
+        calls: list[nn.Module] = []
+        for m in prelus:
+            m.register_forward_hook(lambda m, *_, calls=calls: calls.append(m))
+        with torch.no_grad():
+            binary(x)
+        assert len(calls) == 16 and len({id(m) for m in calls}) == 16  # one module per site, each called once
+    assert replaced[:3] == ("act1", "layer1.0.act1", "layer1.0.act2")
+    tv = binarize.binarize_meta(binarize.convert(torchvision.models.resnet18(num_classes=10), policy, x))
+    assert tv.activations_replaced[:3] == ("relu", "layer1.0.relu#1", "layer1.0.relu#2")

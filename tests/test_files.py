@@ -370,3 +370,52 @@ def test_a_deep_copy_keeps_the_record_and_saves(tmp_path):
     assert copied.binarize_source == binary.binarize_source and copied.pretrained_cfg == binary.pretrained_cfg
     binarize.save(copied, tmp_path / "copy.safetensors")
     assert read_metadata(tmp_path / "copy.safetensors")["source"]["spec"] == "cifar_resnet20"
+
+
+class RouterBlock(nn.Module):
+    """Data-dependent control flow: torch.fx cannot trace it, so it is passed as a leaf module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(16, 16, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) if x.mean() > 0 else x
+
+
+class RoutedNet(nn.Module):
+    def __init__(self, block: type[nn.Module] = RouterBlock) -> None:
+        super().__init__()
+        self.stem, self.act = nn.Conv2d(3, 16, 3, padding=1), nn.ReLU()
+        self.block = block()
+        self.conv, self.bn, self.fc = nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.bn(self.conv(self.block(self.act(self.stem(x))))).mean((2, 3)))
+
+
+def test_a_model_converted_with_leaf_modules_loads_with_them(tmp_path):
+    x = torch.randn(2, 3, 8, 8)
+    binary = binarize.convert(RoutedNet(), example_inputs=(x[:1],), leaf_modules=[RouterBlock])
+    record = binarize.binarize_meta(binary)
+    assert record.traced and record.leaf_modules == (f"{__name__}.RouterBlock",)
+    assert type(binary.block.conv) is nn.Conv2d and isinstance(binary.conv, ReCUConv2d)
+    path = tmp_path / "leaf.safetensors"
+    loaded = _round_trip(binary, path, x, model=RoutedNet())
+    assert binarize.binarize_meta(loaded).leaf_modules == record.leaf_modules and binarize.binarize_meta(loaded).traced
+    assert read_metadata(path)["conversion"]["leaf_modules"] == [f"{__name__}.RouterBlock"]
+
+
+def test_a_leaf_module_that_cannot_be_imported_is_a_one_line_error(tmp_path):
+    class LocalBlock(RouterBlock):
+        pass
+
+    binary = binarize.convert(RoutedNet(LocalBlock), example_inputs=torch.randn(1, 3, 8, 8), leaf_modules=[LocalBlock])
+    path = binarize.save(binary, tmp_path / "local.safetensors")
+    name = f"{__name__}.test_a_leaf_module_that_cannot_be_imported_is_a_one_line_error.<locals>.LocalBlock"
+    with pytest.raises(FileFormatError) as info:
+        binarize.load(path, model=RoutedNet(LocalBlock))
+    assert str(info.value) == (
+        f"{path} needs the leaf module {name}: cannot import {name} (it was defined inside a function); "
+        "define the class at the top level of an importable module"
+    )

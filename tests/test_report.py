@@ -176,3 +176,103 @@ def test_inspect_leaves_the_model_and_its_mode_alone():
     binarize.inspect(binary)
     assert [m.training for m in binary.modules()] == modes and not binary.bn1.training
     assert all(torch.equal(v, binary.state_dict()[k]) for k, v in state.items())  # no BN statistics updated
+
+
+class OtherConvs(nn.Module):
+    """A 2D conv net with a transposed conv, next to 1D and 3D convs: only the 2D convs can become binary."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.conv = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+        self.up = nn.ConvTranspose2d(16, 8, 2, stride=2)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.up(torch.relu(self.conv(torch.relu(self.stem(x))))).mean((2, 3)))
+
+
+def test_convs_binarize_does_not_convert_are_listed_with_a_reason():
+    binary = binarize.convert(OtherConvs(), example_inputs=torch.randn(1, 3, 8, 8))
+    report = binarize.inspect(binary)
+    assert [(e.name, e.op, e.decision, e.reason, e.macs) for e in report.layers] == [
+        ("stem", "Conv2d", "float", "first conv", 16 * 8 * 8 * 27),
+        ("conv", "ReCUConv2d", "binary", "binarized", 16 * 8 * 8 * 16 * 9),
+        ("up", "ConvTranspose2d", "float", "unsupported: ConvTranspose2d (transposed convolutions are not binarized)",
+         16 * 8 * 8 * 8 * 4),  # each input value meets 8 x 2 x 2 kernel taps
+        ("fc", "Linear", "float", "last layer", 80),
+    ]  # fmt: skip
+    s = report.to_dict()["summary"]
+    assert (s["binary_convs"], s["float_convs"], s["float_linears"]) == (1, 2, 1)
+    assert s["flops"] == 16 * 8 * 8 * 27 + 16 * 8 * 8 * 8 * 4 + 80
+
+    conv1d = nn.Sequential(nn.Conv1d(3, 8, 3), nn.ReLU(), nn.Conv1d(8, 8, 3))
+    report = binarize.inspect(binarize.convert(conv1d, example_inputs=torch.randn(1, 3, 16)))
+    assert [(e.name, e.reason, e.macs) for e in report.layers] == [
+        ("0", "unsupported: Conv1d (only 2D convolutions are binarized)", 8 * 14 * 9),
+        ("2", "unsupported: Conv1d (only 2D convolutions are binarized)", 8 * 12 * 24),
+    ]
+    assert report.summary.float_convs == 2 and report.summary.input_size == [3, 16]
+    assert report.summary.warnings == (
+        "no convolution was binarized: every conv stays float (the report gives each one's reason)",
+    )
+    conv3d = nn.Sequential(nn.Conv3d(1, 4, 3), nn.ReLU(), nn.Conv3d(4, 8, 1))
+    report = binarize.inspect(binarize.convert(conv3d, example_inputs=torch.randn(1, 1, 6, 6, 6)))
+    assert [(e.name, e.op, e.reason, e.macs) for e in report.layers] == [
+        ("0", "Conv3d", "unsupported: Conv3d (only 2D convolutions are binarized)", 4 * 64 * 27),
+        ("2", "Conv3d", "unsupported: Conv3d (only 2D convolutions are binarized)", 8 * 64 * 4),
+    ]
+
+
+class Guessed(nn.Module):
+    """Untraceable; a 1x1 conv named ``downsample`` and convs inside ``se``: roles only names show here."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.act = nn.Conv2d(3, 16, 3, padding=1), nn.ReLU()
+        self.conv, self.downsample = nn.Conv2d(16, 32, 3, padding=1), nn.Conv2d(16, 32, 1)
+        self.se = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(32, 8, 1), nn.ReLU(), nn.Conv2d(8, 32, 1))
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.stem(x))
+        shortcut = self.downsample(x) if x.mean() > 0 else 0  # data-dependent control flow: converted by name
+        x = self.act(self.conv(x) + shortcut)
+        y = x * torch.sigmoid(self.se(x))
+        return self.fc(y.mean((2, 3)))
+
+
+def test_decisions_guessed_from_names_say_so():
+    x = torch.randn(1, 3, 8, 8)
+    binary = binarize.convert(Guessed(), example_inputs=x)
+    record = binarize.binarize_meta(binary)
+    assert record.traced is False
+    assert {n: (r.reason, r.guessed) for n, r in record.layers.items()} == {
+        "stem": ("first conv", False),
+        "conv": ("binarized", False),
+        "downsample": ("1x1 shortcut", True),
+        "se.1": ("squeeze-excitation", True),
+        "se.3": ("squeeze-excitation", True),
+        "fc": ("last layer", False),
+    }
+    reasons = {e.name: e.reason for e in binarize.inspect(binary).layers}
+    assert reasons["downsample"] == "1x1 shortcut (guessed from the name)"
+    assert reasons["se.1"] == reasons["se.3"] == "squeeze-excitation (guessed from the name)"
+    assert type(record).from_dict(json.loads(json.dumps(record.to_dict()))) == record  # as a model file stores it
+    # a decision that does not rest on the guess is not marked: a user rule, or the guessed role switched off
+    record = binarize.binarize_meta(
+        binarize.convert(Guessed(), binarize.Policy(keep=("downsample",), keep_se=False), x)
+    )
+    assert {n: (r.reason, r.guessed) for n, r in record.layers.items() if n in ("downsample", "se.1")} == {
+        "downsample": ("user rule keep:downsample", False),
+        "se.1": ("binarized", False),
+    }
+
+
+def test_inputs_that_do_not_fit_are_one_line_errors(capfd):
+    binary = _convert()
+    with pytest.raises(binarize.BinarizeError) as info:
+        binarize.inspect(binary, torch.randn(1, 4, 8, 8))
+    assert str(info.value) == (
+        "conv1 expects 3 input channels, the example input has 4; pass example inputs of the model's input size"
+    )
+    assert capfd.readouterr() == ("", "")

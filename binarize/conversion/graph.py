@@ -1,6 +1,7 @@
 """Reading a traced model: which nodes are convolutions, activations and pass-through ops, and the
 data-flow facts the :class:`~binarize.conversion.policy.Policy` needs (first conv, last layer, 1x1 shortcuts,
-squeeze-and-excitation convs).
+squeeze-and-excitation convs). What counts as a ReLU-like activation comes from
+:mod:`binarize.conversion.registry`.
 
 All walks follow ``graph.nodes`` order or explicit lists, never sets of nodes, so results are
 deterministic (the torch.fx documentation's advice).
@@ -15,34 +16,17 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-__all__ = [
-    "ACTIVATION_TYPE_NAMES",
-    "GraphFacts",
-    "is_activation_module",
-    "is_fused_norm_act",
-    "analyse",
-]
+from binarize.conversion import registry
+from binarize.conversion.trace import node_shape
 
-ACTIVATION_TYPE_NAMES = frozenset(
-    {
-        "ReLU", "ReLU6", "RReLU", "SiLU", "Swish", "SwishMe", "GELU", "GELUTanh", "QuickGELU", "LeakyReLU",
-        "Hardswish", "HardSwish", "HardSwishMe", "Mish", "MishMe", "HardMish", "HardMishMe", "ELU", "CELU",
-        "SELU", "GammaAct",
-    }
-)  # fmt: skip
-"""Class names of the ReLU-family activations whose output must not feed a sign directly."""
+__all__ = ["GraphFacts", "PASS_MODULES", "is_activation_module", "is_fused_norm_act", "is_pass_through_module"]
 
-ACTIVATION_FUNCTIONS = (
-    F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.silu, F.gelu, F.leaky_relu, F.leaky_relu_, F.hardswish,
-    F.mish, F.elu, F.elu_, F.celu, F.selu,
-)  # fmt: skip
-ACTIVATION_METHODS = frozenset({"relu", "relu_"})
-
-_PASS_MODULES = (
+PASS_MODULES = (
     nn.modules.batchnorm._BatchNorm, nn.Identity, nn.modules.dropout._DropoutNd, nn.MaxPool2d, nn.AvgPool2d,
     nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d,
     nn.ReplicationPad2d,
 )  # fmt: skip
+"""Modules a sign can look through (BatchNorm, pooling, padding, dropout, identity), in both conversion paths."""
 _PASS_FUNCTIONS = (
     F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.pad, F.dropout, F.batch_norm,
 )  # fmt: skip
@@ -63,8 +47,9 @@ _GATE_FUNCTIONS = (torch.sigmoid, F.sigmoid, F.hardsigmoid, F.softmax, torch.sof
 
 
 def is_activation_module(module: nn.Module) -> bool:
-    """A ReLU-family activation module (torch's or timm's)."""
-    return type(module).__name__ in ACTIVATION_TYPE_NAMES
+    """A ReLU-family activation module: an instance of a class :func:`~binarize.register_activation` registered
+    (torch's and timm's are built in)."""
+    return isinstance(module, registry.activation_types())
 
 
 def is_fused_norm_act(module: nn.Module) -> bool:
@@ -73,11 +58,16 @@ def is_fused_norm_act(module: nn.Module) -> bool:
     return isinstance(act, nn.Module) and is_activation_module(act) and not is_activation_module(module)
 
 
+def is_pass_through_module(module: nn.Module) -> bool:
+    """BatchNorm, pooling, padding, dropout or identity (not a fused norm-act layer)."""
+    return isinstance(module, PASS_MODULES) and not is_fused_norm_act(module)
+
+
 class GraphFacts:
     """Node classification and data-flow facts of one traced model.
 
     Args:
-        gm: The traced model, with shapes propagated (``node.meta['tensor_meta']``).
+        gm: The traced model, with shapes propagated (:func:`~binarize.conversion.trace.propagate_shapes`).
     """
 
     def __init__(self, gm: fx.GraphModule) -> None:
@@ -99,14 +89,14 @@ class GraphFacts:
         if m is not None:
             return is_activation_module(m) or is_fused_norm_act(m)
         if node.op == "call_function":
-            return node.target in ACTIVATION_FUNCTIONS
-        return node.op == "call_method" and node.target in ACTIVATION_METHODS
+            return node.target in registry.activation_functions()
+        return node.op == "call_method" and node.target in registry.activation_methods()
 
     def is_pass_through(self, node: fx.Node) -> bool:
         """BatchNorm, pooling, padding, dropout and identity: ops a sign can look through."""
         m = self.module(node)
         if m is not None:
-            return isinstance(m, _PASS_MODULES) and not is_fused_norm_act(m)
+            return is_pass_through_module(m)
         if node.op == "call_function":
             return node.target in _PASS_FUNCTIONS
         return node.op == "call_method" and node.target in _PASS_METHODS
@@ -120,7 +110,7 @@ class GraphFacts:
         return node.op == "call_method" and node.target in ("sigmoid", "sigmoid_", "softmax")
 
     def is_global_pool(self, node: fx.Node) -> bool:
-        shape = _shape(node)
+        shape = node_shape(node)
         return shape is not None and len(shape) == 4 and shape[2] == 1 and shape[3] == 1 and not self.is_layer(node)
 
     def is_structural(self, node: fx.Node) -> bool:
@@ -155,9 +145,20 @@ class GraphFacts:
         return [n for n in self._frontier(self._placeholders(), forward=True) if self.is_conv(n)]
 
     def last_layers(self) -> list[fx.Node]:
-        """The conv or linear layers that reach an output without passing another such layer."""
+        """The conv or linear layers that feed the output: they reach it without passing another such layer,
+        and no layer that reaches the output comes after them.
+
+        With a head that is the classifier. Without one (``num_classes=0``) it is the final block's last
+        conv(s): the convs of earlier blocks also reach the output without passing a layer, through the
+        identity shortcuts of the blocks after them, but they feed those blocks' convs.
+        """
         outputs = [n for n in self.gm.graph.nodes if n.op == "output"]
-        return self._frontier(outputs, forward=False)
+        live: dict[fx.Node, bool] = {}  # reaches an output
+        feeds_layer: dict[fx.Node, bool] = {}  # a layer that reaches an output comes after it
+        for node in reversed(self.gm.graph.nodes):
+            live[node] = node.op == "output" or any(live[u] for u in node.users)
+            feeds_layer[node] = any((self.is_layer(u) and live[u]) or feeds_layer[u] for u in node.users)
+        return [n for n in self._frontier(outputs, forward=False) if not feeds_layer[n]]
 
     def _placeholders(self) -> list[fx.Node]:
         return [n for n in self.gm.graph.nodes if n.op == "placeholder"]
@@ -228,14 +229,3 @@ class GraphFacts:
                         nxt.append(m)
             frontier = nxt
         return False
-
-
-def _shape(node: fx.Node) -> tuple[int, ...] | None:
-    meta = node.meta.get("tensor_meta")
-    shape = getattr(meta, "shape", None)
-    return tuple(shape) if shape is not None else None
-
-
-def analyse(gm: fx.GraphModule) -> GraphFacts:
-    """Facts of a traced, shape-propagated model."""
-    return GraphFacts(gm)

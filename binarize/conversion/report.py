@@ -16,17 +16,24 @@ The ReCU quantile ``tau`` is training state and counts in neither size.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from binarize._utils import default_example_inputs, eval_mode, unwrap
+from binarize._utils import default_example_inputs, unwrap
+from binarize.conversion.inputs import run_checked
+from binarize.conversion.layers import layer_modules
 from binarize.conversion.record import binarize_meta
 from binarize.nn import ReCUConv2d
 
-__all__ = ["LayerEntry", "Report", "ReportSummary", "inspect"]
+__all__ = ["GUESSED", "LayerEntry", "Report", "ReportSummary", "inspect"]
+
+GUESSED = " (guessed from the name)"
+"""Appended to the reason of a decision the untraced path based on a module name (``1x1 shortcut``,
+``squeeze-excitation``): without a graph the pass cannot see the data flow that shows the role."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,31 +121,27 @@ class Report:
         return {"layers": [dataclasses.asdict(e) for e in self.layers], "summary": self.summary.to_dict()}
 
 
-@torch.no_grad()
+def _macs_per_image(module: nn.Module, args: tuple, out: Any) -> int:
+    """Multiply-accumulates of one call of a conv or linear layer, per image of the batch."""
+    if not isinstance(out, torch.Tensor):
+        return 0
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):  # each input value meets every kernel tap
+        x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        per_image = x[0].numel() if x is not None and x.dim() > len(module.kernel_size) + 1 else 0
+        return per_image * (module.out_channels // module.groups) * math.prod(module.kernel_size)
+    per_image = out[0].numel() if out.dim() > 1 else out.numel()
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return per_image * (module.in_channels // module.groups) * math.prod(module.kernel_size)
+    return per_image * module.in_features
+
+
 def _count_macs(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> dict[str, int]:
     macs: dict[str, int] = {}
-    handles = []
 
-    def hook(name):
-        def count(module, args, out):
-            per_image = out[0].numel() if out.dim() > 1 else out.numel()
-            if isinstance(module, nn.Conv2d):
-                fan_in = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
-            else:
-                fan_in = module.in_features
-            macs[name] = macs.get(name, 0) + per_image * fan_in
+    def count(name: str, module: nn.Module, args: tuple, out: Any) -> None:
+        macs[name] = macs.get(name, 0) + _macs_per_image(module, args, out)
 
-        return count
-
-    for name, module in model.named_modules():
-        if isinstance(module, (nn.Conv2d, nn.Linear)):
-            handles.append(module.register_forward_hook(hook(name)))
-    try:
-        with eval_mode(model):
-            model(*example_inputs)
-    finally:
-        for h in handles:
-            h.remove()
+    run_checked(model, example_inputs, layer_modules(model), count)
     return macs
 
 
@@ -165,6 +168,9 @@ def inspect(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tens
         example_inputs: Inputs (a tuple, or one tensor) to count MACs with; by default one image of the
             size used at conversion (else the timm input size, else 3x224x224).
 
+    Raises:
+        ConfigError: The example inputs do not fit the model (one line naming the layer and the shapes).
+
     Example::
 
         >>> report = inspect(binary_model)
@@ -180,12 +186,12 @@ def inspect(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tens
     macs = _count_macs(model, example_inputs)
     recorded = record.layers if record else {}
     layers, linears = [], 0
-    for name, module in model.named_modules():
-        if not isinstance(module, (nn.Conv2d, nn.Linear)):
-            continue
+    for name, module in layer_modules(model):
         linears += isinstance(module, nn.Linear)  # by type: Linear subclasses have other class names
         binary = isinstance(module, ReCUConv2d)
         reason = recorded[name].reason if name in recorded else ("binarized" if binary else "not converted")
+        if name in recorded and recorded[name].guessed:
+            reason += GUESSED
         if binary and not module.binarize_weights:
             reason += " (activations only)"
         layers.append(

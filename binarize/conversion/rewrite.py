@@ -18,10 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from binarize._utils import replace_submodule
 from binarize.conversion.graph import GraphFacts, is_fused_norm_act
+from binarize.conversion.trace import node_shape
 from binarize.nn.shortcut import BiRealShortcut
 
-__all__ = ["rewrite_activations", "add_bireal_shortcuts", "sign_input_module"]
+__all__ = ["add_bireal_shortcuts", "replace_activation_module", "rewrite_activations", "sign_input_module"]
 
 _OUT_OF_PLACE = {torch.relu_: torch.relu, F.relu_: F.relu, F.leaky_relu_: F.leaky_relu, F.elu_: F.elu}
 
@@ -35,10 +37,41 @@ def sign_input_module(kind: str, channels: int) -> nn.Module | None:
     return None
 
 
+def replace_activation_module(root: nn.Module, name: str, kind: str, channels: int) -> None:
+    """Replaces the activation module ``name`` of ``root`` (or the activation inside it, for a fused
+    norm-act layer) by :func:`sign_input_module` (an identity for ``identity``), at every call of it."""
+    new = sign_input_module(kind, channels) or nn.Identity()
+    module = root.get_submodule(name)
+    if is_fused_norm_act(module):
+        module.act = new
+    else:
+        replace_submodule(root, name, new)
+
+
 def _channels(node: fx.Node) -> int:
-    meta = node.meta.get("tensor_meta")
-    shape = getattr(meta, "shape", None)
+    shape = node_shape(node)
     return int(shape[1]) if shape is not None and len(shape) > 1 else 1
+
+
+def _free_name(gm: fx.GraphModule, base: str) -> str:
+    """``base``, or ``base_1``, ``base_2``, ... : the first name no submodule of ``gm`` has yet."""
+    name, i = base, 0
+    while True:
+        try:
+            gm.get_submodule(name)
+        except AttributeError:
+            return name
+        i += 1
+        name = f"{base}_{i}"
+
+
+def _site_name(gm: fx.GraphModule, node: fx.Node) -> str:
+    """A name unique to one call site: the module's name, with ``#k`` (k-th call in graph order) when the
+    module is called more than once; the node's name for functions and methods."""
+    if node.op != "call_module":
+        return node.name
+    sites = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == node.target]
+    return str(node.target) if len(sites) == 1 else f"{node.target}#{sites.index(node) + 1}"
 
 
 def _make_out_of_place(gm: fx.GraphModule, node: fx.Node) -> None:
@@ -63,7 +96,7 @@ def _split_fused(gm: fx.GraphModule, facts: GraphFacts, target: str) -> list[fx.
     if getattr(act, "inplace", False):
         act.inplace = False
     module.act = nn.Identity()
-    act_name = f"{target}_act"
+    act_name = _free_name(gm, f"{target}_act")
     gm.add_submodule(act_name, act)
     act_nodes = []
     for node in [n for n in gm.graph.nodes if n.op == "call_module" and n.target == target]:
@@ -83,8 +116,8 @@ def _binary_side(gm: fx.GraphModule, act: fx.Node, kind: str) -> fx.Node:
     replacement = sign_input_module(kind, _channels(pre))
     if replacement is None:
         return pre
-    name = f"{act.target if act.op == 'call_module' else act.name}_sign_input"
-    gm.add_submodule(name, replacement)
+    name = _free_name(gm, f"{act.target if act.op == 'call_module' else act.name}_sign_input")
+    gm.add_submodule(name, replacement)  # a module called at two sites gets a new module per site
     with gm.graph.inserting_before(act):
         node = gm.graph.call_module(name, (pre,))
     node.meta = dict(pre.meta)
@@ -104,7 +137,7 @@ class _BinaryPath:
     def __init__(self, gm: fx.GraphModule, facts: GraphFacts, kind: str) -> None:
         self.gm, self.facts, self.kind = gm, facts, kind
         self.memo: dict[fx.Node, fx.Node] = {}
-        self.replaced: dict[fx.Node, None] = {}
+        self.replaced: dict[fx.Node, str] = {}
         self.cloned: dict[fx.Node, fx.Node] = {}
 
     def _combines(self, node: fx.Node) -> bool:
@@ -127,8 +160,8 @@ class _BinaryPath:
             return self.memo[node]
         result = node
         if self.facts.is_activation(node):
+            self.replaced[node] = _site_name(self.gm, node)
             result = _binary_side(self.gm, node, self.kind)
-            self.replaced[node] = None
         elif self._combines(node):
             inputs = node.all_input_nodes
             new = {n: self.node_for(n) for n in inputs}
@@ -155,7 +188,9 @@ def rewrite_activations(gm: fx.GraphModule, facts: GraphFacts, binary: list[str]
         kind: ``hardtanh``, ``identity``, ``prelu`` or ``keep`` (no change).
 
     Returns:
-        The names of the activations that were replaced (for the report).
+        The activation call sites that were replaced (for the report), one name per site: the module's
+        name (``layer1.0.relu#2`` for its second call when it is called more than once) or the
+        function call's node name.
     """
     if kind == "keep":
         return []
@@ -180,7 +215,7 @@ def rewrite_activations(gm: fx.GraphModule, facts: GraphFacts, binary: list[str]
     for original, clone in path.cloned.items():
         if original not in erased and clone.op == "call_module":
             _own_module(gm, clone)
-    return list(dict.fromkeys(str(a.target) if a.op == "call_module" else a.name for a in path.replaced))
+    return list(path.replaced.values())
 
 
 def _own_module(gm: fx.GraphModule, clone: fx.Node) -> None:
@@ -189,7 +224,7 @@ def _own_module(gm: fx.GraphModule, clone: fx.Node) -> None:
     module = gm.get_submodule(clone.target)
     if next(module.parameters(), None) is None and next(module.buffers(), None) is None:
         return
-    name = f"{clone.target}_binary_path"
+    name = _free_name(gm, f"{clone.target}_binary_path")
     gm.add_submodule(name, copy.deepcopy(module))
     clone.target = name
 
@@ -224,7 +259,7 @@ def add_bireal_shortcuts(
         users = list(out.users)
         if len(users) == 1 and isinstance(facts.module(users[0]), nn.modules.batchnorm._BatchNorm):
             out = users[0]
-        name = f"{conv_node.target}_shortcut"
+        name = _free_name(gm, f"{conv_node.target}_shortcut")
         gm.add_submodule(name, BiRealShortcut(c_in, c_out, stride, mode))
         with gm.graph.inserting_after(out):
             shortcut = gm.graph.call_module(name, (conv_node.args[0],))
