@@ -161,19 +161,33 @@ def test_kernels_and_fallback_are_bitwise_equal():
 
 
 @pytest.mark.parametrize("kernel", NATIVE_HERE)
-def test_thread_counts_give_bitwise_equal_outputs(kernel):
+@pytest.mark.parametrize("flush_denormal", [False, True])
+def test_thread_counts_give_bitwise_equal_outputs(kernel, flush_denormal):
     x = _input((3, 65, 13, 10), seed=8)
-    layer = _random_layer(65, 21, seed=9)
-    layer.kernel = kernel
+    x[:, :, ::3, ::2] = -1e-40  # a negative denormal: -1, or +1 where the caller flushes denormals to zero
+    layers = [_random_layer(65, 21, seed=9), _random_layer(17, 40, seed=10, k=1, padding=0)]  # GEMM and direct
     before = torch.get_num_threads()
     outputs = []
     try:
+        if flush_denormal and not torch.set_flush_denormal(True):
+            pytest.skip("this CPU cannot flush denormals")
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
-            outputs.append(layer(x))
+            for layer in layers:
+                layer.kernel = kernel
+            outputs.append([layers[0](x), layers[1](x[:, :17])])
     finally:
         torch.set_num_threads(before)
-    assert all(_bitwise_equal(out, outputs[0]) for out in outputs[1:])
+        torch.set_flush_denormal(False)
+    for out in outputs[1:]:
+        assert all(_bitwise_equal(a, b) for a, b in zip(out, outputs[0], strict=True))
+    # every worker thread compares as the calling thread does: a denormal is negative unless flushed
+    acc = PackedBinaryConv2d.from_tensors(
+        pack_signs(torch.ones(1, 65, 1, 1, dtype=torch.bool)), torch.ones(1), torch.zeros(1), in_channels=65
+    )
+    acc.kernel = kernel
+    probe = torch.full((1, 65, 2, 2), -1e-40)
+    assert torch.equal(acc(probe), torch.full((1, 1, 2, 2), -65.0))
 
 
 def test_weight_layout_is_ohwi_lsb_first_one_is_minus_one():

@@ -106,6 +106,8 @@ static const geometry GEOMETRY[NPATHS] = {
 
 /* A byte of per-lane popcounts grows by at most 8 per vector step: flush to wider sums every 31. */
 #define NIBBLE_CHUNK 31
+/* The direct kernel sums a whole pixel in bytes: at most 31 taps. */
+#define DIRECT_MAX_TAPS 31
 
 /* Header of the prepared weights; the int32 weight sums and the panels follow at their offsets. */
 typedef struct {
@@ -116,6 +118,9 @@ typedef struct {
     int32_t kbpad; /* kb rounded up to whole vectors */
     int32_t nv;    /* kbpad / vb */
     int32_t opad;  /* out_channels rounded up to whole panels of NR */
+    int32_t direct; /* 1: the direct kernel for narrow inputs (below), 0: im2col + GEMM */
+    int32_t ab;     /* bytes of one packed input pixel: cb, or the direct kernel's lane width */
+    int32_t groups; /* direct kernel: vectors of output channels */
     int64_t off_wsum, off_panels, total;
 } prepared;
 
@@ -133,8 +138,10 @@ static int cpu_paths(void) {
     __builtin_cpu_init();
     if (__builtin_cpu_supports("popcnt")) mask |= 1 << PATH_SCALAR;
     if (__builtin_cpu_supports("avx2")) mask |= 1 << PATH_AVX2;
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) mask |= 1 << PATH_AVX512BW;
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vpopcntdq")) mask |= 1 << PATH_VPOPCNTDQ;
+    /* the AVX-512 paths also run the AVX2 direct kernel (every AVX-512 CPU has AVX2; checked all the same) */
+    int avx512 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("avx512f");
+    if (avx512 && __builtin_cpu_supports("avx512bw")) mask |= 1 << PATH_AVX512BW;
+    if (avx512 && __builtin_cpu_supports("avx512vpopcntdq")) mask |= 1 << PATH_VPOPCNTDQ;
     return mask;
 #else
     return 1 << PATH_SCALAR;
@@ -304,16 +311,25 @@ static inline void pack_tail(const float *x, const float *beta, int c0, int c, u
     }
 }
 
-static void pack_scalar(const float *x, const float *beta, int64_t count, int c, int cb, uint8_t *dst) {
-    for (int64_t p = 0; p < count; p++) pack_tail(x + p * c, beta, 0, c, dst + p * cb);
+/* Zero bytes past the channels, up to the pixel stride ab. */
+static inline void pack_pad(uint8_t *dst, int cb, int ab) {
+    for (int b = cb; b < ab; b++) dst[b] = 0;
+}
+
+static void pack_scalar(const float *x, const float *beta, int64_t count, int c, int cb, int ab, uint8_t *dst) {
+    for (int64_t p = 0; p < count; p++) {
+        pack_tail(x + p * c, beta, 0, c, dst + p * ab);
+        pack_pad(dst + p * ab, cb, ab);
+    }
 }
 
 #if defined(BCONV_X86)
-TARGET_AVX2 static void pack_avx2(const float *x, const float *beta, int64_t count, int c, int cb, uint8_t *dst) {
+TARGET_AVX2 static void pack_avx2(const float *x, const float *beta, int64_t count, int c, int cb, int ab,
+                                  uint8_t *dst) {
     const __m256 zero = _mm256_setzero_ps();
     for (int64_t p = 0; p < count; p++) {
         const float *xp = x + p * c;
-        uint8_t *d = dst + p * cb;
+        uint8_t *d = dst + p * ab;
         int i = 0;
         for (; i + 8 <= c; i += 8) {
             __m256 v = _mm256_loadu_ps(xp + i);
@@ -321,14 +337,16 @@ TARGET_AVX2 static void pack_avx2(const float *x, const float *beta, int64_t cou
             d[i / 8] = (uint8_t)_mm256_movemask_ps(_mm256_cmp_ps(v, zero, _CMP_LT_OQ));
         }
         pack_tail(xp, beta, i, c, d);
+        pack_pad(d, cb, ab);
     }
 }
 
-TARGET_AVX512F static void pack_avx512(const float *x, const float *beta, int64_t count, int c, int cb, uint8_t *dst) {
+TARGET_AVX512F static void pack_avx512(const float *x, const float *beta, int64_t count, int c, int cb, int ab,
+                                       uint8_t *dst) {
     const __m512 zero = _mm512_setzero_ps();
     for (int64_t p = 0; p < count; p++) {
         const float *xp = x + p * c;
-        uint8_t *d = dst + p * cb;
+        uint8_t *d = dst + p * ab;
         int i = 0;
         for (; i + 16 <= c; i += 16) {
             __m512 v = _mm512_loadu_ps(xp + i);
@@ -338,6 +356,7 @@ TARGET_AVX512F static void pack_avx512(const float *x, const float *beta, int64_
             d[i / 8 + 1] = (uint8_t)(bits >> 8);
         }
         pack_tail(xp, beta, i, c, d);
+        pack_pad(d, cb, ab);
     }
 }
 #endif
@@ -347,14 +366,15 @@ static void pack_task(void *ctx, int tid, int nthreads) {
     int64_t p0 = J->pixels * tid / nthreads, p1 = J->pixels * (tid + 1) / nthreads;
     if (p0 >= p1) return;
     const float *x = J->x + p0 * J->c;
-    uint8_t *dst = J->act + p0 * J->prep->cb;
+    const int cb = J->prep->cb, ab = J->prep->ab;
+    uint8_t *dst = J->act + p0 * ab;
     switch (J->prep->path) {
 #if defined(BCONV_X86)
-    case PATH_AVX2: pack_avx2(x, J->beta, p1 - p0, J->c, J->prep->cb, dst); break;
+    case PATH_AVX2: pack_avx2(x, J->beta, p1 - p0, J->c, cb, ab, dst); break;
     case PATH_AVX512BW:
-    case PATH_VPOPCNTDQ: pack_avx512(x, J->beta, p1 - p0, J->c, J->prep->cb, dst); break;
+    case PATH_VPOPCNTDQ: pack_avx512(x, J->beta, p1 - p0, J->c, cb, ab, dst); break;
 #endif
-    default: pack_scalar(x, J->beta, p1 - p0, J->c, J->prep->cb, dst); break;
+    default: pack_scalar(x, J->beta, p1 - p0, J->c, cb, ab, dst); break;
     }
 }
 
@@ -399,13 +419,13 @@ static void im2col(const job *J, int64_t g0, int count, int rows, uint8_t *dst, 
                 memset(d, 0, (size_t)kw * cb);
                 continue;
             }
-            const uint8_t *src = J->act + ((n * J->h + iy) * J->w) * cb;
+            const uint8_t *src = J->act + ((n * J->h + iy) * J->w) * P->ab;
             for (int kx = 0; kx < kw; kx++, d += cb) {
                 int ix = ox * J->sw - J->pw + kx * J->dw;
                 if (ix < 0 || ix >= J->w)
                     memset(d, 0, (size_t)cb);
                 else
-                    copy_tap(d, src + (size_t)ix * cb, cb);
+                    copy_tap(d, src + (size_t)ix * P->ab, cb);
             }
         }
         memset(row + P->kb, 0, (size_t)(kbpad - P->kb));
@@ -637,6 +657,156 @@ TARGET_VPOPCNTDQ static void block_vpopcntdq(const job *J, int64_t g0, int count
 
 #endif /* BCONV_X86 */
 
+/* ------------------------------------------------------------------------------------------------ */
+/* Direct kernel for narrow inputs (C <= 64, at most 31 taps; every x86 vector path, in AVX2)      */
+/*                                                                                                  */
+/* A tap's bits fit in one lane of lb = 1, 2, 4 or 8 bytes, so the vector runs over output channels */
+/* (32 / lb of them) rather than over the reduction: the tap's activation bits are broadcast to     */
+/* every lane and XORed with the lanes' weights. Taps outside the input are skipped, so the sum of  */
+/* the inside taps, (inside taps * C) - 2 * popcount, needs no padding correction and no im2col.    */
+
+#if defined(BCONV_X86)
+static inline TARGET_AVX2 __m256i broadcast_lane(const uint8_t *src, int lb) {
+    switch (lb) {
+    case 1: return _mm256_set1_epi8((char)src[0]);
+    case 2: {
+        uint16_t v;
+        memcpy(&v, src, 2);
+        return _mm256_set1_epi16((short)v);
+    }
+    case 4: {
+        uint32_t v;
+        memcpy(&v, src, 4);
+        return _mm256_set1_epi32((int)v);
+    }
+    default: {
+        uint64_t v;
+        memcpy(&v, src, 8);
+        return _mm256_set1_epi64x((long long)v);
+    }
+    }
+}
+
+/* Popcounts of gb groups (32 / lb channels each, from group g0) over the taps, stored as int32 in pc. */
+static inline __attribute__((always_inline)) TARGET_AVX2 void direct_groups(const uint8_t *const *src,
+                                                                           const int *tap, int taps,
+                                                                           const uint8_t *weights, int groups,
+                                                                           int g0, int gb, int lb, int32_t *pc) {
+    const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4, 0, 1, 1, 2, 1, 2, 2, 3, 1, 2,
+                                         2, 3, 2, 3, 3, 4);
+    const __m256i mask = _mm256_set1_epi8(0x0f);
+    __m256i acc[8];
+    for (int j = 0; j < gb; j++) acc[j] = _mm256_setzero_si256();
+    for (int t = 0; t < taps; t++) {
+        __m256i a = broadcast_lane(src[t], lb);
+        __m256i lo = _mm256_and_si256(a, mask), hi = _mm256_and_si256(_mm256_srli_epi16(a, 4), mask);
+        const uint8_t *w = weights + ((size_t)tap[t] * groups + g0) * 64;
+        for (int j = 0; j < gb; j++) {
+            __m256i wl = _mm256_loadu_si256((const __m256i *)(w + j * 64));
+            __m256i wh = _mm256_loadu_si256((const __m256i *)(w + j * 64 + 32));
+            __m256i cl = _mm256_shuffle_epi8(lut, _mm256_xor_si256(lo, wl));
+            __m256i ch = _mm256_shuffle_epi8(lut, _mm256_xor_si256(hi, wh));
+            acc[j] = _mm256_add_epi8(acc[j], _mm256_add_epi8(cl, ch));
+        }
+    }
+    const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
+    for (int j = 0; j < gb; j++) {
+        int32_t *d = pc + (size_t)(g0 + j) * (32 / lb);
+        switch (lb) {
+        case 1:
+            for (int q = 0; q < 4; q++) {
+                __m128i bytes = q < 2 ? _mm256_castsi256_si128(acc[j]) : _mm256_extracti128_si256(acc[j], 1);
+                if (q & 1) bytes = _mm_srli_si128(bytes, 8);
+                _mm256_storeu_si256((__m256i *)(d + 8 * q), _mm256_cvtepu8_epi32(bytes));
+            }
+            break;
+        case 2: {
+            __m256i s16 = _mm256_maddubs_epi16(acc[j], ones8);
+            _mm256_storeu_si256((__m256i *)d, _mm256_cvtepi16_epi32(_mm256_castsi256_si128(s16)));
+            _mm256_storeu_si256((__m256i *)(d + 8), _mm256_cvtepi16_epi32(_mm256_extracti128_si256(s16, 1)));
+            break;
+        }
+        case 4:
+            _mm256_storeu_si256((__m256i *)d, _mm256_madd_epi16(_mm256_maddubs_epi16(acc[j], ones8), ones16));
+            break;
+        default: {
+            uint64_t s64[4];
+            _mm256_storeu_si256((__m256i *)s64, _mm256_sad_epu8(acc[j], _mm256_setzero_si256()));
+            for (int q = 0; q < 4; q++) d[q] = (int32_t)s64[q];
+        }
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) TARGET_AVX2 void direct_pixels(job *J, int64_t g0, int64_t g1, int lb,
+                                                                           int32_t *pc) {
+    const prepared *P = J->prep;
+    const int groups = P->groups, o_count = P->out_channels;
+    const int64_t plane = (int64_t)J->oh * J->ow;
+    const uint8_t *src[DIRECT_MAX_TAPS];
+    int tap[DIRECT_MAX_TAPS];
+    for (int64_t g = g0; g < g1; g++) {
+        int64_t n = g / plane;
+        int oy = (int)((g % plane) / J->ow), ox = (int)(g % J->ow);
+        int taps = 0;
+        for (int ky = 0; ky < P->kh; ky++) {
+            int iy = oy * J->sh - J->ph + ky * J->dh;
+            if (iy < 0 || iy >= J->h) continue;
+            for (int kx = 0; kx < P->kw; kx++) {
+                int ix = ox * J->sw - J->pw + kx * J->dw;
+                if (ix < 0 || ix >= J->w) continue;
+                src[taps] = J->act + ((n * J->h + iy) * J->w + ix) * P->ab;
+                tap[taps++] = ky * P->kw + kx;
+            }
+        }
+        int q = 0;
+        for (; q + 8 <= groups; q += 8) direct_groups(src, tap, taps, J->panels, groups, q, 8, lb, pc);
+        if (q + 4 <= groups) {
+            direct_groups(src, tap, taps, J->panels, groups, q, 4, lb, pc);
+            q += 4;
+        }
+        if (q + 2 <= groups) {
+            direct_groups(src, tap, taps, J->panels, groups, q, 2, lb, pc);
+            q += 2;
+        }
+        if (q < groups) direct_groups(src, tap, taps, J->panels, groups, q, 1, lb, pc);
+        /* out = (float)(inside * C - 2 * popcount) * mul + add, 8 channels at a time */
+        const __m256i k = _mm256_set1_epi32(taps * P->in_channels);
+        float *out = J->out + g * o_count;
+        int o = 0;
+        for (; o + 8 <= o_count; o += 8) {
+            __m256i p = _mm256_loadu_si256((const __m256i *)(pc + o));
+            __m256 acc = _mm256_cvtepi32_ps(_mm256_sub_epi32(k, _mm256_add_epi32(p, p)));
+            __m256 scaled = _mm256_mul_ps(acc, _mm256_loadu_ps(J->mul + o));
+            _mm256_storeu_ps(out + o, _mm256_add_ps(scaled, _mm256_loadu_ps(J->add + o)));
+        }
+        for (; o < o_count; o++) {
+            float scaled = (float)(taps * P->in_channels - 2 * pc[o]) * J->mul[o];
+            out[o] = scaled + J->add[o];
+        }
+    }
+}
+
+TARGET_AVX2 static void direct_task(void *ctx, int tid, int nthreads) {
+    job *J = ctx;
+    int64_t g0 = J->outputs * tid / nthreads, g1 = J->outputs * (tid + 1) / nthreads;
+    if (g0 >= g1) return;
+    const prepared *P = J->prep;
+    int32_t *pc = aligned_alloc(ALIGN, ROUND_UP((size_t)P->groups * 32 * sizeof(int32_t), ALIGN));
+    if (!pc) {
+        atomic_store(&J->status, BCONV_ENOMEM);
+        return;
+    }
+    switch (P->ab) {
+    case 1: direct_pixels(J, g0, g1, 1, pc); break;
+    case 2: direct_pixels(J, g0, g1, 2, pc); break;
+    case 4: direct_pixels(J, g0, g1, 4, pc); break;
+    default: direct_pixels(J, g0, g1, 8, pc); break;
+    }
+    free(pc);
+}
+#endif /* BCONV_X86 */
+
 static void gemm_task(void *ctx, int tid, int nthreads) {
     job *J = ctx;
     int64_t b0 = J->blocks * tid / nthreads, b1 = J->blocks * (tid + 1) / nthreads;
@@ -737,9 +907,19 @@ static int64_t layout(int path, int o, int kh, int kw, int c, prepared *P) {
     P->kbpad = (int32_t)kbpad;
     P->nv = (int32_t)(kbpad / G->vb);
     P->opad = ROUND_UP(o, G->nr);
+    P->ab = (int32_t)cb;
     P->off_wsum = ROUND_UP((int64_t)sizeof(prepared), ALIGN);
     P->off_panels = P->off_wsum + ROUND_UP((int64_t)o * kh * kw * 4, ALIGN);
     P->total = P->off_panels + (int64_t)P->opad * kbpad * (G->split ? 2 : 1);
+#if defined(BCONV_X86)
+    if (path != PATH_SCALAR && cb <= 8 && kh * kw <= DIRECT_MAX_TAPS) {
+        int lb = cb <= 1 ? 1 : cb <= 2 ? 2 : cb <= 4 ? 4 : 8;
+        P->direct = 1;
+        P->ab = lb;
+        P->groups = (int32_t)((o + 32 / lb - 1) / (32 / lb));
+        P->total = P->off_panels + (int64_t)kh * kw * P->groups * 64;
+    }
+#endif
     return P->total;
 }
 
@@ -778,6 +958,17 @@ BCONV_EXPORT int bconv_prepare(int path, const uint8_t *w_bits, int o, int kh, i
                 ones += __builtin_popcount(d[b]);
             }
             wsum[(size_t)oc * kh * kw + t] = c - 2 * ones;
+        }
+        if (P.direct) { /* [tap][group][low nibbles, high nibbles][32 bytes], channel oc in lane oc % lanes */
+            int lanes = 32 / P.ab;
+            for (int t = 0; t < kh * kw; t++) {
+                uint8_t *lo = panels + ((size_t)t * P.groups + oc / lanes) * 64 + (size_t)(oc % lanes) * P.ab;
+                for (int b = 0; b < P.cb; b++) {
+                    lo[b] = row[(size_t)t * P.cb + b] & 0x0f;
+                    lo[32 + b] = row[(size_t)t * P.cb + b] >> 4;
+                }
+            }
+            continue;
         }
         /* panel of NR channels: for each vector v, channel j: [low nibbles, high nibbles] or the raw bytes */
         size_t panel = (size_t)(oc / G->nr), j = (size_t)(oc % G->nr);
@@ -844,13 +1035,13 @@ BCONV_EXPORT int bconv_conv2d(const void *prep, int nthreads, const float *x, co
     J.blocks = (J.outputs + block - 1) / block;
 
     int rc = BCONV_ENOMEM;
-    uint8_t *act = aligned_alloc(ALIGN, ROUND_UP((size_t)J.pixels * P->cb, ALIGN));
+    uint8_t *act = aligned_alloc(ALIGN, ROUND_UP((size_t)J.pixels * P->ab, ALIGN));
     int32_t *classes = malloc(sizeof(int32_t) * (size_t)(3 * (oh + ow)));
     int32_t *corr = NULL;
     if (!act || !classes) goto done;
     J.act = act;
 
-    if (ph > 0 || pw > 0) {
+    if (!P->direct && (ph > 0 || pw > 0)) {
         int32_t *row_class = classes, *col_class = classes + oh;
         int32_t *row_lo = col_class + ow, *row_hi = row_lo + oh, *col_lo = row_hi + oh, *col_hi = col_lo + ow;
         int nrc = axis_classes((int)oh, h, P->kh, sh, ph, dh, row_class, row_lo, row_hi);
@@ -882,7 +1073,13 @@ BCONV_EXPORT int bconv_conv2d(const void *prep, int nthreads, const float *x, co
 
     int pack_threads = J.pixels < 64 * (int64_t)nthreads ? 1 : nthreads;
     run_parallel(pack_task, &J, pack_threads);
-    run_parallel(gemm_task, &J, J.blocks < nthreads ? (int)J.blocks : nthreads);
+#if defined(BCONV_X86)
+    if (P->direct) {
+        int64_t chunks = (J.outputs + 15) / 16; /* at least 16 output pixels per thread */
+        run_parallel(direct_task, &J, chunks < nthreads ? (int)chunks : nthreads);
+    } else
+#endif
+        run_parallel(gemm_task, &J, J.blocks < nthreads ? (int)J.blocks : nthreads);
     rc = atomic_load(&J.status);
 
 done:
