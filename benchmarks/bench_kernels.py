@@ -125,7 +125,8 @@ def run_shape(name: str, shape: tuple[int, int, int, int], rounds: int, budget: 
     for fn in fns.values():  # warm-up (weights repacked, caches filled)
         fn()
     single = {key: _time(fn, 3) for key, fn in fns.items()}
-    reps = {key: max(3, min(200, int(budget / max(t, 1e-6)))) for key, t in single.items()}
+    # calls per round: about ``budget`` seconds' worth, at least 3 (1 for a variant slower than the budget)
+    reps = {key: max(1 if t > budget else 3, min(200, int(budget / max(t, 1e-6)))) for key, t in single.items()}
     times: dict[str, list[float]] = {key: [] for key in fns}
     for _ in range(rounds):
         for key, fn in fns.items():

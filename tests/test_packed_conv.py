@@ -323,6 +323,8 @@ def test_layer_is_inference_only_with_a_small_state():
     assert _bitwise_equal(fresh(x), layer(x))
     rebuilt = PackedBinaryConv2d.from_tensors(**state, in_channels=20, padding=1)
     assert _bitwise_equal(rebuilt(x), layer(x))
+    halved = PackedBinaryConv2d.from_tensors(**state, in_channels=20, padding=1).half()  # constants stay float32
+    assert halved.mul.dtype == torch.float32 and _bitwise_equal(halved(x), layer(x))
     with pytest.raises(ConfigError, match="mul has shape"):
         PackedBinaryConv2d.from_tensors(state["weight_bits"], torch.ones(5), state["add"], in_channels=20)
 
@@ -422,7 +424,20 @@ def test_a_stale_build_is_not_used(fresh_state, monkeypatch):
     monkeypatch.delenv(K.ENV_VAR, raising=False)
     monkeypatch.setattr(K, "ABI_VERSION", K.ABI_VERSION + 1)
     K._reset()
-    with pytest.warns(KernelWarning, match="stale build"):
+    with pytest.warns(KernelWarning, match=r"stale build \(ABI"):
+        assert kernel_info()["active"] == "torch"
+
+
+def test_a_build_of_an_older_source_is_not_used(fresh_state, monkeypatch, tmp_path):
+    if not kernel_info()["compiled"]:
+        pytest.skip("the native extension is not built")
+    assert K._library().source_sha256, "setup.py embeds the source's SHA-256"
+    edited = tmp_path / "bconv.c"
+    edited.write_bytes(SOURCE.read_bytes() + b"\n/* edited after the build */\n")
+    monkeypatch.delenv(K.ENV_VAR, raising=False)
+    monkeypatch.setattr(K, "_SOURCE", edited)
+    K._reset()
+    with pytest.warns(KernelWarning, match="bconv.c changed since it was built"):
         assert kernel_info()["active"] == "torch"
 
 
@@ -475,12 +490,23 @@ def test_a_kernel_that_fails_its_self_test_is_rejected(fresh_state, monkeypatch)
         kernel_info()
 
 
-def test_torch_compile_fullgraph_matches_eager():
+def test_torch_compile_fullgraph_matches_eager_with_one_custom_op():
     torch._dynamo.reset()
     layer = PackedBinaryConv2d.from_recu(_recu_layer(16, 12, bias=True, beta=True, mode="reflect"), _random_bn(12, 3))
     model = nn.Sequential(layer, nn.Hardtanh())
     x = _input((2, 16, 9, 9), seed=14)
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    graphs = []
+
+    def recording(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    assert _bitwise_equal(torch.compile(model, fullgraph=True, backend=recording)(x), model(x))
+    targets = [str(node.target) for gm in graphs for node in gm.graph.nodes if node.op == "call_function"]
+    assert sum("binarize.packed_conv2d" in t for t in targets) == 1 and not any(
+        "conv2d" in t and "binarize" not in t for t in targets
+    )
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")  # traces the op's fake implementation
     assert _bitwise_equal(compiled(x), model(x))
     compiled_layer = torch.compile(layer, fullgraph=True)  # Inductor: the op stays one extern call
     assert _bitwise_equal(compiled_layer(x), layer(x))

@@ -251,6 +251,17 @@ class PackedBinaryConv2d(nn.Module):
             kernel=self.kernel,
         )
 
+    def _apply(self, fn, recurse=True):
+        # ``mul``, ``add`` and ``activation_bias`` stay float32 whatever dtype the module is cast to
+        # (``model.half()`` must not round the folded constants); the values from before the cast are kept.
+        before = {name: getattr(self, name) for name in ("mul", "add", "activation_bias")}
+        super()._apply(fn, recurse)
+        for name, value in before.items():
+            after = getattr(self, name)
+            if value is not None and after.dtype != torch.float32:
+                setattr(self, name, value.to(device=after.device, dtype=torch.float32))
+        return self
+
     def extra_repr(self) -> str:
         text = (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

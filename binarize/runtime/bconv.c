@@ -873,6 +873,13 @@ static int axis_classes(int outputs, int size, int k, int stride, int pad, int d
 
 BCONV_EXPORT int bconv_abi_version(void) { return BCONV_ABI_VERSION; }
 
+#ifndef BCONV_SOURCE_SHA256
+#define BCONV_SOURCE_SHA256 "" /* setup.py passes the SHA-256 of this file; "" when built by hand */
+#endif
+
+/* The SHA-256 (hex) of the bconv.c this library was built from, or "" when unknown. */
+BCONV_EXPORT const char *bconv_source_sha256(void) { return BCONV_SOURCE_SHA256; }
+
 /* Bit i set: path i can run on this CPU (and is compiled in). */
 BCONV_EXPORT int bconv_cpu_paths(void) { return cpu_paths() & compiled_paths(); }
 

@@ -12,13 +12,17 @@ GIL during a call, on first use, not at import. Its kernels:
 ``torch``       no native code: unpacked +-1 weights and ``F.conv2d`` (any device)
 ==============  ==================================================================
 
+Inputs of at most 64 channels (kernels of at most 31 taps) run a direct kernel instead of im2col + GEMM,
+vectorised over output channels; the three x86 vector kernels share its AVX2 code (``bconv.c`` explains
+both schemes and the zero-padding correction).
+
 Selection, once per process on first use: the environment variable ``BINARIZE_KERNEL``
 (``auto|vpopcntdq|avx512bw|avx2|scalar|torch``; ``auto`` when unset) is read then and only then (a
 documented exception to binarize reading no environment). ``auto`` takes the first native kernel in the
-order above that the CPU supports and that passes a known-answer self-test (a few small odd-shaped
-convolutions compared bitwise with the scalar kernel and the pure-torch result); a kernel that fails is
-reported in ``kernel_info()["rejected"]`` with a one-line warning and the next one is tried. Without the
-shared library ``auto`` falls back to ``torch`` with a one-line warning that says how to build it.
+order above that the CPU supports and that passes a known-answer self-test (five small odd-shaped
+convolutions on 1 and 2 threads, compared bitwise with the scalar kernel and the pure-torch result); a
+kernel that fails is reported in ``kernel_info()["rejected"]`` with a one-line warning and the next one is
+tried. Without the shared library ``auto`` falls back to ``torch`` with a one-line warning that says how to build it.
 
 Every kernel gives bitwise the same float32 output: the accumulation is integer, the output transform
 ``(float)acc * mul + add`` is two float32 roundings in every path.
@@ -27,6 +31,7 @@ Every kernel gives bitwise the same float32 output: the accumulation is integer,
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import importlib.machinery
 import os
 import threading
@@ -56,6 +61,7 @@ KERNELS = (*NATIVE_KERNELS, "torch")
 ABI_VERSION = 1
 """``BCONV_ABI_VERSION`` of the bconv.c this wrapper was written for; another build is not used."""
 
+_SOURCE = Path(__file__).resolve().with_name("bconv.c")
 _PATH_ID = {"scalar": 0, "avx2": 1, "avx512bw": 2, "vpopcntdq": 3}
 _ERRORS = {-1: "invalid arguments", -2: "out of memory", -3: "kernel not supported by this CPU", -4: "bad weights"}
 _BUILD_HINT = "build it with a C compiler: pip install -e . (or pip install .) in the binarize source tree"
@@ -76,6 +82,11 @@ class _Library:
         self.abi = lib.bconv_abi_version()
         if self.abi != ABI_VERSION:  # a stale in-place build: do not touch its other symbols
             return
+        self.source_sha256 = ""  # unknown: built by hand, not by setup.py
+        if hasattr(lib, "bconv_source_sha256"):
+            lib.bconv_source_sha256.restype = ctypes.c_char_p
+            lib.bconv_source_sha256.argtypes = []
+            self.source_sha256 = lib.bconv_source_sha256().decode()
         for name in ("bconv_cpu_paths", "bconv_compiled_paths", "bconv_emulated"):
             getattr(lib, name).restype = i
             getattr(lib, name).argtypes = []
@@ -147,14 +158,22 @@ def _library() -> _Library | None:
                 except OSError as err:
                     _state.missing = f"the native kernel {path.name} cannot be loaded ({err})"
                 else:
-                    if library.abi != ABI_VERSION:
-                        _state.missing = (
-                            f"the native kernel {path.name} is a stale build "
-                            f"(ABI {library.abi}, expected {ABI_VERSION})"
-                        )
+                    stale = _staleness(library)
+                    if stale is not None:
+                        _state.missing = f"the native kernel {path.name} is a stale build ({stale})"
                     else:
                         _state.library = library
         return _state.library
+
+
+def _staleness(library: _Library) -> str | None:
+    """Why ``library`` was not built from the ``bconv.c`` beside this file, or None when it was."""
+    if library.abi != ABI_VERSION:
+        return f"ABI {library.abi}, expected {ABI_VERSION}"
+    if library.source_sha256 and _SOURCE.is_file():
+        if hashlib.sha256(_SOURCE.read_bytes()).hexdigest() != library.source_sha256:
+            return "bconv.c changed since it was built"
+    return None
 
 
 def _supported() -> list[str]:
