@@ -26,28 +26,17 @@ from binarize._utils import mix_seed, unwrap
 from binarize.conversion.pipeline import convert, recalibrate_bn
 from binarize.conversion.record import binarize_meta
 from binarize.data import Datasets, Loaders, ResolvedData, build_datasets, build_loaders, resolve_data_config
-from binarize.diagnostics import (
-    DIAGNOSTICS,
-    Diagnosis,
-    SignTracker,
-    append_records,
-    binary_layers,
-    diagnose,
-    read_history,
-    trim_history,
-)
-from binarize.diagnostics.plots import plot_history, plot_weight_histograms, plots_available
 from binarize.engine import checkpoint as ckpt
 from binarize.engine.distributed import DistContext, broadcast_buffers
 from binarize.engine.evaluation import autocast_dtype, evaluate, to_device
-from binarize.engine.layers import set_tau, set_weight_binarization
+from binarize.engine.layers import set_tau, set_weight_binarization, stage_tau_scheduler
+from binarize.engine.monitor import RunMonitor
 from binarize.engine.optim import build_optimizer
 from binarize.engine.progress import Reporter, default_reporter
 from binarize.engine.records import CURVES, MetricsLog, plot_curves
 from binarize.engine.rundir import check_same_recipe, create_run_dir, prepare_run_dir, write_recipe
 from binarize.engine.schedules import lr_curve, tau_at
 from binarize.engine.step import EpochContext, non_finite, train_epoch
-from binarize.engine.tau_scheduler import TauScheduler
 from binarize.engine.teachers import Teachers, check_float_teacher
 from binarize.errors import ConfigError, DataError, TrainingInterrupted
 from binarize.files import RunRecord, save
@@ -55,9 +44,6 @@ from binarize.models import create_model
 from binarize.nn import ReCUConv2d
 from binarize.recipes import Recipe, StageConfig, load_recipe
 from binarize.weights import load_weights
-
-DIAGNOSTICS_PNG = "diagnostics.png"
-WEIGHTS_PNG = "weights.png"
 
 __all__ = ["FinetuneResult", "finetune", "evaluate", "set_tau", "set_weight_binarization", "autocast_dtype"]
 
@@ -85,7 +71,7 @@ class _Run:
 
     Attributes:
         train_images: Train images per epoch in this process (the limit_train subset, sharded).
-        tracker: The weight signs the diagnostics compare with (converted, last epoch, never flipped).
+        monitor: The run's dead-weight diagnostics (``diagnostics.jsonl``).
         checkpointed: The run directory holds a checkpoint of this run (after epoch 0, or resumed).
     """
 
@@ -101,9 +87,9 @@ class _Run:
     log: MetricsLog
     teachers: Teachers
     train_images: int
+    monitor: RunMonitor
     best: dict[str, Any] = dataclasses.field(default_factory=dict)
     checkpointed: bool = False
-    tracker: SignTracker | None = None
 
     @property
     def writes(self) -> bool:
@@ -208,53 +194,6 @@ def _checkpoint(run: _Run, record: dict[str, Any], state: dict[str, Any]) -> Non
         (run.run_dir / ckpt.INTERRUPTED).unlink(missing_ok=True)
 
 
-def _diagnose(run: _Run, loaders: Loaders) -> Diagnosis | None:
-    """The dead-weight diagnostics of every binary layer, at the tau the epoch trained with.
-
-    Run between epochs on the main process: a few passes over the weights and
-    ``train.diagnostics_batches`` validation batches, nothing inside a training step. None when
-    diagnostics are off or no layer has binary weights (the first stage of two-stage training).
-    """
-    train = run.recipe.train
-    if not (train.diagnostics and run.ctx.is_main and binary_layers(run.student)):
-        return None
-    if run.tracker is None:
-        run.tracker = SignTracker()
-    batches = loaders.val if train.diagnostics_batches else None
-    return diagnose(run.student, batches, tracker=run.tracker, max_batches=max(train.diagnostics_batches, 1))
-
-
-def _write_diagnostics(run: _Run, diagnosis: Diagnosis | None, epoch: int) -> None:
-    """Appends the records of ``epoch`` to ``diagnostics.jsonl`` (epoch 0 starts the file afresh)."""
-    if diagnosis is None or not run.writes:
-        return
-    path = run.run_dir / DIAGNOSTICS
-    if epoch == 0:
-        path.unlink(missing_ok=True)
-    append_records(path, diagnosis.to_records(epoch))
-
-
-def _tau_scheduler(
-    run: _Run, stage: StageConfig, steps_per_epoch: int, start_epoch: int, step: int
-) -> TauScheduler | None:
-    """The stage's tau schedule (ReCU eq. 24) at the position a run starts or resumes from."""
-    if not any(isinstance(m, ReCUConv2d) for m in run.student.modules()):
-        return None
-    method = run.recipe.method
-    per_step = method.granularity == "step"
-    scheduler = TauScheduler(
-        run.student,
-        stage.epochs,
-        tau_min=method.tau_min,
-        tau_max=method.tau_max,
-        per_step=per_step,
-        steps_per_epoch=steps_per_epoch if per_step else None,
-    )
-    position = step if per_step else start_epoch
-    scheduler.load_state_dict({**scheduler.state_dict(), "count": position})
-    return scheduler
-
-
 def _stage_loaders(run: _Run, stage: StageConfig) -> Loaders:
     train = run.recipe.train
     return build_loaders(
@@ -289,16 +228,17 @@ def _start(run: _Run, loaders: Loaders) -> None:
     val = evaluate(run.student, loaders.val, run.device, run.dtype, recipe.train.channels_last, run.ctx)
     tau = tau_at(0, stage.epochs, recipe.method)
     set_tau(run.student, tau)
-    diagnosis = _diagnose(run, loaders)
     with ckpt.interrupts_deferred():
         if run.writes:
             create_run_dir(run.run_dir)
-        _write_diagnostics(run, diagnosis, 0)
+        run.monitor.record(run.student, loaders.val, 0)
         record = _record(run, 0, "converted", tau, 0.0, None, val)
         if run.writes:
             write_recipe(run.run_dir, recipe)
         _checkpoint(
-            run, record, {"stage": 0, "epoch": 0, "step": 0, "optimizer": None, "scaler": None, **_tracker_state(run)}
+            run,
+            record,
+            {"stage": 0, "epoch": 0, "step": 0, "optimizer": None, "scaler": None, **run.monitor.state_dict()},
         )
         run.checkpointed = True
 
@@ -316,9 +256,8 @@ def _run_stage(
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         step = state["step"]
-    tau_scheduler = _tau_scheduler(run, stage, len(loaders.train), start_epoch, step)
-    if run.tracker is None and run.ctx.is_main and binary_layers(run.student):
-        run.tracker = SignTracker(run.student)  # the signs this stage starts from (stage 2 of two-stage training)
+    tau_scheduler = stage_tau_scheduler(run.student, recipe.method, stage.epochs, len(loaders.train), start_epoch, step)
+    run.monitor.start_stage(run.student)
     model = run.student
     if run.ctx.enabled:
         model = nn.parallel.DistributedDataParallel(
@@ -355,14 +294,14 @@ def _run_stage(
                 raise non_finite("validation loss", epoch, stage)
             lr = optimizer.param_groups[0]["lr"]
             record = _record(run, epoch_offset + epoch + 1, stage.name, tau, lr, train, val)
-            _write_diagnostics(run, _diagnose(run, loaders), epoch_offset + epoch + 1)
+            run.monitor.record(run.student, loaders.val, epoch_offset + epoch + 1)
             state = {
                 "stage": stage_index,
                 "epoch": epoch + 1,
                 "step": step,
                 "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(),
-                **_tracker_state(run),
+                **run.monitor.state_dict(),
             }
             _checkpoint(run, record, state)
     except KeyboardInterrupt:
@@ -391,11 +330,7 @@ def _restore(run: _Run, state: dict[str, Any]) -> tuple[int, int]:
     load_weights(run.student, load_file(str(run.run_dir / ckpt.LAST), device=str(run.device)))
     run.best.update(state.get("best") or {})
     ckpt.restore_rng_state(state["rng"])
-    if state.get("sign_tracker") is not None:
-        run.tracker = SignTracker()
-        run.tracker.load_state_dict(state["sign_tracker"])
-    if run.writes:
-        trim_history(run.run_dir / DIAGNOSTICS, keep_until=_global_epoch(run.recipe, state))
+    run.monitor.restore(state, _global_epoch(run.recipe, state))
     if run.writes:
         write_recipe(run.run_dir, run.recipe)
     if state["optimizer"] is None:
@@ -519,6 +454,7 @@ def finetune(
         teachers=Teachers(float_model, datasets.num_classes, device, recipe.train.channels_last),
         train_images=(recipe.train.limit_train or len(datasets.train)) // ctx.world_size,
         checkpointed=state is not None,
+        monitor=RunMonitor(recipe.train, run_dir, ctx.is_main),
     )
     try:
         _train(run, state)
@@ -527,27 +463,13 @@ def finetune(
             plot_curves(
                 log.records, run_dir / CURVES, lr_curve=lr_curve(recipe.stages, steps), title=_title(recipe, run_dir)
             )
-            _plot_diagnostics(run)
+            run.monitor.plot(run.student)
     except KeyboardInterrupt:
         raise _interrupted(run) from None
     finally:
         log.close()
         reporter.close()
     return FinetuneResult(student.eval(), dict(run.best), list(log.records), run_dir)
-
-
-def _tracker_state(run: _Run) -> dict[str, Any]:
-    return {"sign_tracker": run.tracker.state_dict() if run.tracker is not None else None}
-
-
-def _plot_diagnostics(run: _Run) -> None:
-    """``diagnostics.png`` (clipped share and flip rate per layer over the epochs) and ``weights.png``
-    (the latent weight histograms with the clamp bounds), when matplotlib is installed."""
-    path = run.run_dir / DIAGNOSTICS
-    if not (plots_available() and path.exists() and binary_layers(run.student)):
-        return
-    plot_history(read_history(path), run.run_dir / DIAGNOSTICS_PNG)
-    plot_weight_histograms(run.student, run.run_dir / WEIGHTS_PNG)
 
 
 def _title(recipe: Recipe, run_dir: Path) -> str:
