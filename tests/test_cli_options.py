@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 import typer.main
 from typer.testing import CliRunner
 
@@ -50,13 +49,7 @@ OPTIONS: dict[tuple[str, str], tuple[list[str], object]] = {
 NOT_OPTIONS = {("policy", "version")}  # the schema version: fixed, not a choice
 CLASSES = {"policy": binarize.Policy, "layer": binarize.LayerOptions}
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run(*args, env: dict[str, str] | None = None):
