@@ -295,7 +295,7 @@ def finetune_calls(monkeypatch):
 @pytest.mark.parametrize(
     ("target", "pattern"),
     [
-        ("a_file", r"--output .*a_file is a file; give a directory for the run"),
+        ("a_file", r"output .*a_file is a file, not a directory: choose another --output"),
         ("a_file/run", r"cannot write .*a_file/run: .*a_file is a file, not a directory"),
         ("/proc/run", r"cannot write /proc/run: /proc does not accept new files"),
     ],
@@ -356,7 +356,7 @@ def test_finetune_without_downloadable_weights(tiny_recipe_file, tiny_data, tmp_
     [
         (["--epochs", "0"], r"^error: --epochs must be >= 1 "),
         (["-o", "{run}"], r"^error: --output .*run is not empty; the demo starts a new run every time"),
-        (["-o", "{file}"], r"^error: --output .*a_file is a file; give a directory"),
+        (["-o", "{file}"], r"^error: output .*a_file is a file, not a directory"),
         (["-o", "{file}/run"], r"a_file is a file, not a directory"),
     ],
     ids=["epochs", "existing-run", "file", "under-a-file"],

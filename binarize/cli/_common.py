@@ -180,9 +180,7 @@ def check_output_file(path: Path, force: bool) -> Path:
 def check_run_dir(path: Path) -> Path:
     """Checks, before any work, that a run directory can be created or written at ``path``."""
     if path.exists() and not path.is_dir():
-        raise binarize.BinarizeError(
-            f"--output {path} is a file; give a directory for the run (it holds several files)"
-        )
+        raise binarize.BinarizeError(f"output {path} is a file, not a directory: choose another --output")
     _accepts_new_files(path, path)
     return path
 
