@@ -21,9 +21,10 @@ from binarize.conversion.report import inspect
 from binarize.data import DataConfig
 from binarize.engine import evaluate, finetune
 from binarize.engine.progress import Reporter
+from binarize.errors import ConfigError
 from binarize.recipes import DistillConfig, OptimizerConfig, Recipe, ScheduleConfig, StageConfig, TrainConfig
 
-__all__ = ["DemoResult", "DigitsCNN", "digits_datasets", "run_demo"]
+__all__ = ["DemoResult", "DigitsCNN", "check_demo_options", "digits_datasets", "run_demo"]
 
 
 class TensorImages(Dataset):
@@ -135,6 +136,28 @@ def demo_recipe(epochs: int = 8, seed: int = 0) -> Recipe:
     )
 
 
+def check_demo_options(float_epochs: int, binary_epochs: int, output_dir: str | Path | None) -> None:
+    """Checks the demo's settings before any training: positive epoch counts, and an output directory that
+    is new or empty (the demo starts a new run every time; it cannot continue one).
+
+    Raises:
+        ConfigError: A setting the demo cannot run with, named in the message.
+    """
+    for name, value in (("float_epochs", float_epochs), ("binary_epochs", binary_epochs)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name}: the demo trains for at least 1 epoch, got {value!r}")
+    if output_dir is None:
+        return
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"output_dir: {path} is a file; the demo writes a run directory")
+    if path.is_dir() and any(path.iterdir()):
+        raise ConfigError(
+            f"output_dir: {path} is not empty; the demo starts a new run every time (it cannot continue one): "
+            "give a new or empty directory"
+        )
+
+
 def run_demo(
     seed: int = 0,
     float_epochs: int = 10,
@@ -142,7 +165,12 @@ def run_demo(
     output_dir: str | Path | None = None,
     reporter: Reporter | None = None,
 ) -> DemoResult:
-    """Trains the float CNN, converts it, fine-tunes the binary model and measures every step."""
+    """Trains the float CNN, converts it, fine-tunes the binary model and measures every step.
+
+    Raises:
+        ConfigError: Settings the demo cannot run with (:func:`check_demo_options`), before any training.
+    """
+    check_demo_options(float_epochs, binary_epochs, output_dir)
     start = time.perf_counter()
     train, val = digits_datasets(seed)
     torch.manual_seed(seed)  # the float model's initialisation too, so that a seed fixes every figure

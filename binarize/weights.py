@@ -4,8 +4,10 @@ Checkpoints found in the wild are rarely a bare ``{name: tensor}`` dict. They ne
 ``state_dict`` or ``model``, carry a ``module.`` prefix from ``nn.DataParallel`` / DDP or an ``_orig_mod.``
 prefix from ``torch.compile``, hold epochs and optimizer state beside the weights, were saved on a GPU, or
 lack the BatchNorm ``num_batches_tracked`` buffers of older PyTorch versions. :func:`read_state_dict` turns
-all of these into one flat dict of CPU tensors; :func:`load_weights` checks that dict against a model and
-reports every mismatch on one line.
+all of these into one flat dict of CPU tensors; :func:`load_weights` checks that dict against a model,
+reports every mismatch on one line, and returns a :class:`LoadSummary` of what it loaded (it prints
+nothing). Asked to, it re-initialises a classifier head whose shape does not fit (weights trained for
+another label set): only the head, never another layer.
 
 Pickled checkpoints are read with ``torch.load(..., weights_only=True)``: binarize never executes code
 stored in a weights file (see the "weights_only" notes of ``torch.load``). Safetensors files are read with
@@ -14,8 +16,10 @@ stored in a weights file (see the "weights_only" notes of ``torch.load``). Safet
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -26,7 +30,7 @@ from torch import nn
 
 from binarize.errors import WeightsError
 
-__all__ = ["WRAPPER_KEYS", "load_weights", "read_state_dict"]
+__all__ = ["WRAPPER_KEYS", "LoadSummary", "head_names", "load_weights", "read_state_dict"]
 
 #: Keys under which checkpoints nest their weights, in the order they are tried. The plain model comes
 #: before its exponential moving average (EMA): a file holding both yields the plain weights.
@@ -89,11 +93,63 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     return _normalise(_load_file(path), f"weights file {path}")
 
 
+@dataclasses.dataclass(frozen=True)
+class LoadSummary:
+    """What :func:`load_weights` did, for the caller to report (binarize's command line prints :meth:`line`).
+
+    Attributes:
+        source: The weights file, or None for a state dict passed in directly.
+        loaded: How many of the file's tensors were loaded into the model.
+        dropped: The file's tensors that were not loaded: names the model lacks (only with
+            ``strict=False``) and the head of a model built without one (``num_classes=0``).
+        kept: The model's tensors that the file lacks, which keep their values (only with ``strict=False``).
+        head_reset: The head's tensors that keep the model's fresh initialisation because the file's do
+            not fit (``reset_head=True``: weights trained for another label set).
+    """
+
+    source: str | None
+    loaded: int
+    dropped: tuple[str, ...] = ()
+    kept: tuple[str, ...] = ()
+    head_reset: tuple[str, ...] = ()
+
+    def line(self) -> str:
+        """One line such as ``loaded 21 tensors from w.th (head re-initialised: fc.weight, fc.bias)``."""
+        text = f"loaded {self.loaded} tensors" + (f" from {self.source}" if self.source else "")
+        details = []
+        if self.dropped:
+            details.append(f"dropped: {_names(list(self.dropped))}")
+        if self.kept:
+            details.append(f"not in the file, left as they were: {_names(list(self.kept))}")
+        if self.head_reset:
+            details.append(f"head re-initialised: {_names(list(self.head_reset))}")
+        return text + (f" ({'; '.join(details)})" if details else "")
+
+
+def head_names(model: nn.Module) -> tuple[str, ...]:
+    """The module names of a model's classifier head.
+
+    timm's ``pretrained_cfg["classifier"]`` (one name or several; binarize's CIFAR models carry it too)
+    where the model has those modules, else the last ``nn.Linear`` in module order; empty if neither.
+    """
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
+    names = cfg.get("classifier") if isinstance(cfg, Mapping) else None
+    names = (names,) if isinstance(names, str) else tuple(n for n in (names or ()) if isinstance(n, str))
+    modules = dict(model.named_modules())
+    found = tuple(n for n in names if n and n in modules)
+    if found:
+        return found
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return (linears[-1],) if linears else ()
+
+
 def load_weights(
     model: nn.Module,
     path_or_state_dict: str | os.PathLike[str] | Mapping[str, Any],
     strict: bool = True,
-) -> None:
+    *,
+    reset_head: bool = False,
+) -> LoadSummary:
     """Loads a weights file (or an already read state dict) into a model, in place.
 
     The state dict is first normalised like :func:`read_state_dict` does (so the raw result of
@@ -107,11 +163,20 @@ def load_weights(
 
     (on one line; at most five names per category, then "and N more").
 
+    With ``reset_head``, weights trained for another label set load too: when the only tensors whose
+    shapes differ belong to the classifier head (:func:`head_names`), every tensor of that head keeps
+    the model's fresh initialisation and the rest loads; a model built without a head (``num_classes=0``)
+    drops the file's head. Any other mismatch stays an error.
+
     Args:
         model: The model to load into; its parameters and buffers are overwritten.
         path_or_state_dict: A weights file path, or a mapping of names to tensors.
         strict: If true, missing and unexpected names are errors. If false, they are ignored (missing
             entries keep the model's values); wrong shapes are always an error.
+        reset_head: Re-initialise a classifier head whose shape does not fit, instead of failing.
+
+    Returns:
+        A :class:`LoadSummary` of what was loaded, dropped and re-initialised (nothing is printed).
 
     Raises:
         WeightsError: The file cannot be read, or the weights do not fit the model.
@@ -120,13 +185,15 @@ def load_weights(
 
         >>> import timm, binarize.zoo
         >>> model = timm.create_model("cifar_resnet20")
-        >>> load_weights(model, "cifar10-resnet20-12fca82f.th")
+        >>> load_weights(model, "cifar10-resnet20-12fca82f.th").line()
+        'loaded 103 tensors from cifar10-resnet20-12fca82f.th'
     """
     if isinstance(path_or_state_dict, Mapping):
-        state_dict = _normalise(path_or_state_dict, "the state dict")
+        state_dict, source = _normalise(path_or_state_dict, "the state dict"), None
     else:
-        state_dict = read_state_dict(path_or_state_dict)
+        state_dict, source = read_state_dict(path_or_state_dict), str(path_or_state_dict)
     expected = model.state_dict()
+    from_file = set(state_dict)
 
     for name, value in expected.items():  # BatchNorm step counters: add when absent, drop when unused
         if _is_step_counter(name) and name not in state_dict:
@@ -135,21 +202,47 @@ def load_weights(
 
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
-    wrong = [
-        f"{k}: file {list(v.shape)} vs model {list(expected[k].shape)}"
-        for k, v in state_dict.items()
-        if k in expected and v.shape != expected[k].shape
-    ]
+    wrong = [k for k, v in state_dict.items() if k in expected and v.shape != expected[k].shape]
+    heads = head_names(model)
+    head_of = {k: next((h for h in heads if k.startswith(f"{h}.")), None) for k in (*state_dict, *expected)}
+    head_reset: list[str] = []
+    head_dropped: list[str] = []
+    if reset_head and wrong and all(head_of[k] for k in wrong):
+        hit = {head_of[k] for k in wrong}
+        head_reset = [k for k in expected if head_of[k] in hit]
+        wrong = []
+    if reset_head and unexpected and all(head_of[k] for k in unexpected):
+        if not any(head_of[k] for k in expected):  # the model was built without its head
+            head_dropped, unexpected = unexpected, []
+
     problems = []
     if strict and missing:
         problems.append(f"{len(missing)} missing ({_names(missing)})")
     if strict and unexpected:
         problems.append(f"{len(unexpected)} unexpected ({_names(unexpected)})")
     if wrong:
-        problems.append(f"{len(wrong)} wrong shape ({_names(wrong)})")
+        shapes = [f"{k}: file {list(state_dict[k].shape)} vs model {list(expected[k].shape)}" for k in wrong]
+        problems.append(f"{len(wrong)} wrong shape ({_names(shapes)})")
     if problems:
-        raise WeightsError("weights do not fit the model: " + ", ".join(problems))
-    model.load_state_dict(state_dict, strict=strict)
+        hint = ""
+        if not reset_head and wrong and not missing and not unexpected and all(head_of[k] for k in wrong):
+            outputs = state_dict[wrong[0]].shape[0] if state_dict[wrong[0]].dim() else "?"
+            hint = (
+                f"; only the classifier head differs (the file's has {outputs} outputs): build the model for "
+                f"{outputs} classes, or for the new number of classes to re-initialise the head"
+            )
+        raise WeightsError("weights do not fit the model: " + ", ".join(problems) + hint)
+    skip = set(head_reset) | set(head_dropped)
+    final = {k: v for k, v in state_dict.items() if k not in skip}
+    final.update({k: expected[k] for k in head_reset})  # the model's own fresh initialisation
+    model.load_state_dict(final, strict=strict)
+    return LoadSummary(
+        source=source,
+        loaded=sum(1 for k in final if k in from_file and k in expected and k not in skip),
+        dropped=tuple(head_dropped) + (tuple(unexpected) if not strict else ()),
+        kept=tuple(missing) if not strict else (),
+        head_reset=tuple(head_reset),
+    )
 
 
 def _load_file(path: Path) -> Any:
@@ -165,7 +258,9 @@ def _load_file(path: Path) -> Any:
     try:
         if use_safetensors:
             return safetensors.torch.load_file(path, device="cpu")
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about unusual pickles before failing: the error says it all
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # any failure to parse means the file is not a usable weights file
         raise WeightsError(f"{path} is not a weights file ({_reason(e, head, size, use_safetensors)})") from e
 
@@ -193,11 +288,29 @@ def _reason(error: Exception, head: bytes, size: int, was_safetensors: bool) -> 
         return f"unreadable safetensors file: {_first_line(text)}"
     if not head.startswith((b"\x80", b"PK")):  # neither a pickle (protocol 2+) nor a zip archive
         return "unrecognised format: neither a PyTorch checkpoint nor a safetensors file"
+    if "Weights only load failed" in text and _is_plain_pickle(head):
+        return (
+            "it is a plain pickle written by pickle.dump, which binarize will not execute; "
+            "save the weights with torch.save(model.state_dict(), path) or as .safetensors"
+        )
+    if "Weights only load failed" in text and "Unsupported operand" in text:
+        return (
+            f"it uses pickle protocol {head[1]}, which torch's safe loader (weights_only=True) cannot read; "
+            "save it again with torch.save(model.state_dict(), path) and the default protocol, or as .safetensors"
+        )
     if "Weights only load failed" in text:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
         detail = found.group(1) if found else _first_line(text.split("WeightsUnpickler error:")[-1])
         return f"it contains pickled code that binarize will not execute: {detail}; save model.state_dict() instead"
     return _first_line(text) or type(error).__name__
+
+
+_TORCH_LEGACY_MAGIC = (0x1950A86A20F9469CFC6C).to_bytes(10, "little")  # the number torch.save's old format starts with
+
+
+def _is_plain_pickle(head: bytes) -> bool:
+    """A pickle of protocol 3 or newer that does not start with torch.save's (legacy format) magic number."""
+    return len(head) > 2 and head[0] == 0x80 and head[1] >= 3 and _TORCH_LEGACY_MAGIC not in head[:32]
 
 
 def _is_text(head: bytes) -> bool:

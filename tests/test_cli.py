@@ -221,9 +221,13 @@ def test_unknown_model_lists_the_closest_names(workdir):
 
 
 def test_weights_that_do_not_fit(workdir, messy_weights):
-    weights, _ = messy_weights
-    result = run("convert", f"{THIS_FILE}:make_net", "--num-classes", "5", "--weights", weights, "-o", "x.safetensors")
-    assert_one_line_error(result, "weights do not fit the model", "fc.weight: file [10, 32] vs model [5, 32]")
+    """Only the head may be re-initialised (test_weights_for_another_label_set): any other layer that does not fit
+    is an error, also with --num-classes."""
+    weights, state = messy_weights
+    bad = workdir / "weights" / "bad.pth"
+    torch.save({**state, "conv2.weight": torch.zeros(8, 16, 3, 3)}, bad)
+    result = run("convert", f"{THIS_FILE}:make_net", "--num-classes", "5", "--weights", bad, "-o", "x.safetensors")
+    assert_one_line_error(result, "weights do not fit the model", "conv2.weight: file [8, 16, 3, 3] vs model [32, 16,")
     assert not (workdir / "x.safetensors").exists()
     result = run("convert", *SMALL, "--weights", weights, "-o", "x.safetensors")
     assert_one_line_error(result, "missing (", "unexpected (", "layer1.0.conv1.weight")
@@ -325,20 +329,6 @@ def test_python_dash_m_binarize_cli_errors_in_one_line(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_convert_has_an_option_for_every_policy_field():
-    import dataclasses
-
-    import typer.main
-
-    options = {p.name for p in typer.main.get_command(app).commands["convert"].params}
-    spelled_differently = {"binarize": "binarize_rule", "binarize_weights": "activations_only", "version": None}
-    for field in [*dataclasses.fields(binarize.Policy), *dataclasses.fields(binarize.LayerOptions)]:
-        option = spelled_differently.get(field.name, field.name)
-        assert option is None or option in options or field.name == "tau", (
-            f"binarize convert has no option for {field.name}"
-        )
-
-
 def test_convert_activation_bias_option(tmp_path):
     out = tmp_path / "m.safetensors"
     result = CliRunner().invoke(
@@ -347,3 +337,179 @@ def test_convert_activation_bias_option(tmp_path):
     assert result.exit_code == 0, result.output
     assert read_metadata(out)["conversion"]["layer"]["activation_bias"] is True
     assert any(k.endswith(".activation_bias") for k in binarize.load(out).state_dict())
+
+
+# ---------------------------------------------------------------------------------------------------
+# What a new user tripped on
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Fails a test in which convert starts building the model: the checks must come first."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was built before the options were checked")
+
+    monkeypatch.setattr(binarize, "create_model", refuse)
+
+
+@pytest.mark.parametrize("count", ["-3", "-1"])
+def test_a_negative_number_of_classes_is_an_error(workdir, count, no_work):
+    result = run("convert", *SMALL, "--num-classes", count, "-o", "x.safetensors")
+    line = assert_one_line_error(
+        result, f"--num-classes must be >= 0 (0 builds the model without its head), got {count}"
+    )
+    assert result.exit_code == 2 and line
+    assert list(workdir.iterdir()) == []
+
+
+def test_zero_classes_converts_a_headless_model(workdir):
+    result = run("convert", *SMALL, "--num-classes", "0", "--dry-run", "-f", "json")
+    assert result.exit_code == 0, result.stderr
+    assert [e["name"] for e in json.loads(result.stdout)["layers"] if e["op"] == "linear"] == []
+
+
+@pytest.mark.parametrize(
+    ("target", "fragment"),
+    [
+        ("a_dir", "is a directory; give a file name for the output"),
+        ("a_file/x.safetensors", "a_file is a file, not a directory"),
+        ("a_file/sub/x.safetensors", "a_file is a file, not a directory"),
+        ("/proc/x.safetensors", "cannot write /proc/x.safetensors: /proc does not accept new files"),
+    ],
+    ids=["directory", "under-a-file", "deep-under-a-file", "proc"],
+)
+@pytest.mark.parametrize("force", [False, True], ids=["", "force"])
+def test_bad_output_paths_are_one_line_before_any_work(workdir, target, fragment, force, no_work):
+    (workdir / "a_dir").mkdir()
+    (workdir / "a_file").write_text("keep me")
+    result = run("convert", *SMALL, "-o", target, *(["--force"] if force else []))
+    assert_one_line_error(result, fragment)
+    assert result.exit_code == 2
+    assert (workdir / "a_file").read_text() == "keep me" and list((workdir / "a_dir").iterdir()) == []
+
+
+def test_an_existing_output_is_refused_before_any_work(workdir, no_work):
+    (workdir / "m.safetensors").write_bytes(b"keep me")
+    assert_one_line_error(run("convert", *SMALL, "-o", "m.safetensors"), "already exists", "--force")
+
+
+def test_the_weights_line(workdir, messy_weights):
+    weights, state = messy_weights
+    result = run("convert", f"{THIS_FILE}:make_net", "--weights", weights, "--input-size", "3,16,16", "--dry-run")
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr.splitlines() == [f"loaded {len(state)} tensors from {weights}"]
+
+
+def test_weights_for_another_label_set(workdir, messy_weights):
+    """10-class weights, 5 classes asked for: everything but the head loads, one line says so, the file is marked."""
+    weights, state = messy_weights
+    result = run(
+        "convert", f"{THIS_FILE}:make_net", "--num-classes", "5", "--weights", weights, "--input-size", "3,16,16",
+        "-o", "x.safetensors",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr.splitlines() == [
+        f"loaded {len(state) - 2} tensors from {weights} (head re-initialised: fc.weight, fc.bias)",
+        "wrote x.safetensors",
+    ]
+    assert read_metadata(workdir / "x.safetensors")["source"] == {
+        "spec": f"{THIS_FILE}:make_net",
+        "num_classes": 5,
+        "head_reset": True,
+    }
+    loaded = binarize.load(workdir / "x.safetensors")
+    assert loaded.fc.out_features == 5
+    assert torch.equal(loaded.conv2.weight, state["conv2.weight"])
+
+
+def test_a_plain_pickle_weights_file_is_one_line(workdir):
+    import pickle
+
+    with (workdir / "raw.pth").open("wb") as f:
+        pickle.dump(make_net().state_dict(), f)
+    result = run("convert", f"{THIS_FILE}:make_net", "--weights", "raw.pth", "-o", "x.safetensors")
+    assert_one_line_error(result, "raw.pth is not a weights file (it is a plain pickle written by pickle.dump")
+
+
+def test_a_model_without_downloadable_weights_says_the_options(workdir):
+    line = assert_one_line_error(run("convert", "cifar_resnet20", "--dry-run"))
+    assert line == "error: cifar_resnet20 has no downloadable weights; pass --weights FILE or --no-pretrained"
+
+
+def test_a_factory_without_num_classes_names_the_option(workdir):
+    (workdir / "fixed.py").write_text("from torch import nn\n\ndef make():\n    return nn.Conv2d(3, 8, 3)\n")
+    line = assert_one_line_error(run("convert", "fixed.py:make", "--num-classes", "10", "--dry-run"))
+    assert line == (
+        "error: make() takes no num_classes argument, but num_classes=10 was given (--num-classes); "
+        "drop it or add the parameter to make()"
+    )
+
+
+def test_hf_hub_specs_go_to_timm_and_fail_cleanly_offline(workdir, monkeypatch):
+    """``hf-hub:`` is timm's form: without the network (here: --offline, then the host not resolving) it is
+    one line at once, no retries, no traceback."""
+    spec = "hf-hub:timm/this-model-is-not-cached.a1_in1k"
+    for args in (["--offline"], []):
+        monkeypatch.setattr("binarize.cli._common.hub_unreachable", lambda host="": True)
+        line = assert_one_line_error(run("convert", spec, *args, "--dry-run"))
+        assert line.startswith(f"error: '{spec}' needs its configuration from the Hugging Face Hub")
+        assert "connect to the network" in line
+    assert_one_line_error(run("convert", "hf-hub:", "--dry-run"), "names no model")
+
+
+def test_offline_is_decided_from_the_environment(monkeypatch):
+    from binarize.cli._common import decide_offline
+
+    monkeypatch.setattr("binarize.cli._common.hub_unreachable", lambda host="": True)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    assert decide_offline(None, "resnet18", True, None) is True  # a download, and the Hub does not resolve
+    assert decide_offline(None, "resnet18", False, None) is False  # nothing to download
+    assert decide_offline(None, "resnet18", True, Path("w.pt")) is False  # --weights: no download
+    assert decide_offline(False, "resnet18", True, None) is False  # --online
+    monkeypatch.setattr("binarize.cli._common.hub_unreachable", lambda host="": False)
+    assert decide_offline(None, "hf-hub:timm/resnet18.a1_in1k", False, None) is False
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert decide_offline(None, "resnet18", True, None) is True
+
+
+def test_inspect_a_directory(workdir):
+    (workdir / "run").mkdir()
+    assert_one_line_error(run("inspect", "run"), "run is a directory, not a model file; give a .safetensors file")
+
+
+def _with_warnings(fn, warnings: tuple[str, ...]):
+    from binarize.conversion.record import set_record
+
+    def wrapped(*args, **kwargs):
+        model = fn(*args, **kwargs)
+        set_record(model, binarize.binarize_meta(model).replace(warnings=warnings))
+        return model
+
+    return wrapped
+
+
+def test_conversion_warnings_are_printed(workdir, monkeypatch):
+    """convert and inspect print the conversion record's warnings as ``warning:`` lines on stderr (JSON on stdout
+    stays clean)."""
+    warnings = ("no convolution found: nothing was binarized", "second warning")
+    monkeypatch.setattr(binarize, "convert", _with_warnings(binarize.convert, warnings))
+    result = run("convert", *SMALL, "-o", "m.safetensors", "-f", "json")
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr.splitlines() == [f"warning: {w}" for w in warnings] + ["wrote m.safetensors"]
+    json.loads(result.stdout)
+    monkeypatch.setattr(binarize, "load", _with_warnings(binarize.load, warnings))
+    result = run("inspect", "m.safetensors", "-f", "json")
+    assert result.exit_code == 0 and result.stderr.splitlines() == [f"warning: {w}" for w in warnings]
+
+
+def no_convs(num_classes: int = 3) -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, num_classes))
+
+
+def test_a_model_without_convolutions_warns(workdir):
+    record = binarize.binarize_meta(binarize.convert(no_convs(), example_inputs=(torch.zeros(1, 3, 4, 4),)))
+    assert record.warnings
+    result = run("convert", f"{THIS_FILE}:no_convs", "--input-size", "3,4,4", "--dry-run", "-f", "json")
+    assert result.exit_code == 0, result.stderr
+    assert [line for line in result.stderr.splitlines() if line.startswith("warning: ")]

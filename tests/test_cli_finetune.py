@@ -306,6 +306,122 @@ def test_ctrl_c_in_epoch_0_exits_130_and_saves_nothing(tiny_recipe_file, tiny_da
     assert "nothing saved" in message and not out.exists()
 
 
+# --------------------------------------------------------------------------- checked before any work; the weights line
+
+
+@pytest.fixture
+def finetune_calls(monkeypatch):
+    """Replaces the library's finetune: records what the command passes, trains nothing."""
+    calls = []
+
+    def fake(model, recipe, **kwargs):
+        calls.append((model, recipe, kwargs))
+        return binarize.FinetuneResult(model, {"epoch": 1, "val_top1": 50.0}, [], kwargs.get("output_dir"))
+
+    monkeypatch.setattr(binarize, "finetune", fake)
+    return calls
+
+
+@pytest.mark.parametrize(
+    ("target", "pattern"),
+    [
+        ("a_file", r"output .*a_file is a file, not a directory: choose another --output"),
+        ("a_file/run", r"cannot write .*a_file/run: .*a_file is a file, not a directory"),
+        ("/proc/run", r"cannot write /proc/run: /proc does not accept new files"),
+    ],
+    ids=["file", "under-a-file", "proc"],
+)
+def test_finetune_bad_output_before_any_work(tiny_recipe_file, tiny_data, tmp_path, target, pattern, finetune_calls):
+    (tmp_path / "a_file").write_text("keep me")
+    out = target if target.startswith("/") else tmp_path / target
+    assert_clean_error(finetune(tiny_recipe_file, tiny_data, out), pattern)
+    assert finetune_calls == [] and (tmp_path / "a_file").read_text() == "keep me"
+
+
+def test_finetune_negative_num_classes(tiny_recipe_file, tiny_data, tmp_path, finetune_calls):
+    assert_clean_error(
+        finetune(tiny_recipe_file, tiny_data, tmp_path / "o", "--num-classes", "-3"), r"--num-classes must be >= 0"
+    )
+    assert finetune_calls == []
+
+
+def test_finetune_says_what_the_weights_loaded(tiny_recipe_file, tiny_data, tmp_path, tiny_models, finetune_calls):
+    """One line per file: how many tensors, and the head re-initialised when the classes differ; the float model
+    passed on is marked (the engine refuses to distil from its untrained head)."""
+    for classes, suffix, marked in ((3, "", False), (5, " (head re-initialised: fc.weight, fc.bias)", True)):
+        weights = tmp_path / f"net{classes}.pt"
+        state = binarize.create_model(f"{tiny_models}:make_net", num_classes=classes).state_dict()
+        torch.save(state, weights)
+        result = finetune(tiny_recipe_file, tiny_data, tmp_path / f"o{classes}", "--weights", weights)
+        assert result.exit_code == 0, result.output
+        loaded = len(state) - (2 if marked else 0)
+        assert result.stderr.splitlines()[0] == f"loaded {loaded} tensors from {weights.resolve()}{suffix}"
+        model = finetune_calls[-1][0]
+        assert model.binarize_source.get("head_reset", False) is marked
+        assert model.fc.out_features == 3
+
+
+def test_finetune_factory_without_num_classes(tiny_recipe_file, tiny_data, tmp_path, finetune_calls):
+    (tmp_path / "fixed.py").write_text("from torch import nn\n\ndef make():\n    return nn.Conv2d(3, 8, 3)\n")
+    spec = str(tmp_path / "fixed.py") + ":make"
+    line = assert_clean_error(finetune(tiny_recipe_file, tiny_data, tmp_path / "o", "--model", spec), "num_classes")
+    assert "num_classes=3 was given (the recipe's model.num_classes)" in line
+    line = assert_clean_error(
+        finetune(tiny_recipe_file, tiny_data, tmp_path / "o", "--model", spec, "--num-classes", "4"), "num_classes"
+    )
+    assert "num_classes=4 was given (--num-classes)" in line
+    assert finetune_calls == []
+
+
+def test_finetune_without_downloadable_weights(tiny_recipe_file, tiny_data, tmp_path, finetune_calls):
+    line = assert_clean_error(
+        finetune(tiny_recipe_file, tiny_data, tmp_path / "o", "--model", "cifar_resnet20", "--pretrained"),
+        "no downloadable weights",
+    )
+    assert line.endswith("pass --weights FILE or --no-pretrained (the recipe's model.pretrained)")
+
+
+@pytest.mark.parametrize(
+    ("args", "pattern"),
+    [
+        (["--epochs", "0"], r"^error: --epochs must be >= 1 "),
+        (["-o", "{run}"], r"^error: --output .*run is not empty; the demo starts a new run every time"),
+        (["-o", "{file}"], r"^error: output .*a_file is a file, not a directory"),
+        (["-o", "{file}/run"], r"a_file is a file, not a directory"),
+    ],
+    ids=["epochs", "existing-run", "file", "under-a-file"],
+)
+def test_demo_checks_its_options_first(args, pattern, tmp_path, monkeypatch):
+    """Before the float CNN is trained, in the demo's own words (it has no --resume)."""
+
+    def refuse(*a, **k):
+        raise AssertionError("the demo started training")
+
+    monkeypatch.setattr("binarize.cli.demo.run_demo", refuse)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text("{}\n")
+    (tmp_path / "a_file").write_text("x")
+    result = invoke("demo", *(a.format(run=tmp_path / "run", file=tmp_path / "a_file") for a in args))
+    line = assert_clean_error(result, pattern)
+    assert "--resume" not in line and "Training" not in result.stdout
+
+
+def test_run_demo_checks_before_training(tmp_path, monkeypatch):
+    import binarize.demo
+    from binarize.errors import ConfigError
+
+    def refuse(*a, **k):
+        raise AssertionError("the demo started training")
+
+    monkeypatch.setattr(binarize.demo, "_train_float", refuse)
+    with pytest.raises(ConfigError, match="binary_epochs: the demo trains for at least 1 epoch, got 0"):
+        binarize.demo.run_demo(binary_epochs=0)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "last.safetensors").write_bytes(b"")
+    with pytest.raises(ConfigError, match="output_dir: .*run is not empty; the demo starts a new run every time"):
+        binarize.demo.run_demo(output_dir=tmp_path / "run")
+
+
 # --------------------------------------------------------------------------- recipes
 
 

@@ -296,3 +296,101 @@ def test_wrapper_key_order_is_documented():
     assert max(keys.index(k) for k in ("state_dict", "model_state_dict", "model", "module", "net")) < min(
         keys.index(k) for k in ("model_ema", "state_dict_ema", "ema")
     )
+
+
+# --------------------------------------------------------------------------- what load_weights did, a new head
+
+
+def test_load_weights_returns_what_it_loaded(tmp_path):
+    sd = {k: v for k, v in _state_dict(seed=4).items() if not k.endswith("num_batches_tracked")}
+    torch.save({"state_dict": sd, "epoch": 3}, tmp_path / "w.pt")
+    summary = load_weights(Tiny(), tmp_path / "w.pt")
+    assert summary == binarize.weights.LoadSummary(source=str(tmp_path / "w.pt"), loaded=len(sd))
+    assert summary.line() == f"loaded {len(sd)} tensors from {tmp_path / 'w.pt'}"
+    partial = load_weights(Tiny(), {"fc.weight": sd["fc.weight"], "extra.weight": torch.zeros(1)}, strict=False)
+    assert (partial.source, partial.loaded, partial.dropped) == (None, 1, ("extra.weight",))
+    assert set(partial.kept) == set(sd) - {"fc.weight"}
+    assert partial.line().startswith("loaded 1 tensors (dropped: extra.weight; not in the file, left as they were: ")
+
+
+def test_reset_head_loads_everything_but_the_head():
+    """Weights of a 5-class model into a 3-class one: every tensor but the head's is the file's, the head keeps
+    the model's own initialisation, and the summary names the head's tensors."""
+    sd = _state_dict(seed=5)
+    torch.manual_seed(1)
+    model = Tiny(num_classes=3)
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    summary = load_weights(model, sd, reset_head=True)
+    assert summary.head_reset == ("fc.weight", "fc.bias")
+    assert summary.loaded == len(sd) - 2
+    assert summary.line() == f"loaded {len(sd) - 2} tensors (head re-initialised: fc.weight, fc.bias)"
+    state = model.state_dict()
+    for key, value in sd.items():
+        expected = fresh[key] if key.startswith("fc.") else value
+        assert torch.equal(state[key], expected), key
+
+
+def test_reset_head_never_skips_another_layer():
+    sd = _state_dict(seed=6)
+    sd["conv1.weight"] = torch.zeros(4, 2, 3, 3)
+    model = Tiny(num_classes=3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    message = _error(lambda: load_weights(model, sd, reset_head=True))
+    assert message.startswith("weights do not fit the model: 3 wrong shape (")
+    assert "conv1.weight: file [4, 2, 3, 3] vs model [4, 3, 3, 3]" in message and "fc.weight" in message
+    _assert_same(model.state_dict(), before)
+
+
+def test_a_head_that_does_not_fit_is_an_error_unless_asked():
+    message = _error(lambda: load_weights(Tiny(num_classes=3), _state_dict()))
+    assert message.startswith("weights do not fit the model: 2 wrong shape (fc.weight: file [5, 4] vs model [3, 4]")
+    assert message.endswith(
+        "only the classifier head differs (the file's has 5 outputs): build the model for 5 classes, "
+        "or for the new number of classes to re-initialise the head"
+    )
+
+
+def test_the_head_is_the_classifier_timm_names():
+    """A model's ``pretrained_cfg["classifier"]`` names its head, even when a later module is a Linear too."""
+
+    class Named(Tiny):
+        def __init__(self, num_classes: int) -> None:
+            super().__init__(num_classes=num_classes)
+            self.aux = nn.Linear(4, 4)
+            self.pretrained_cfg = {"classifier": "fc"}
+
+    assert binarize.weights.head_names(Named(3)) == ("fc",)
+    assert binarize.weights.head_names(Tiny()) == ("fc",)  # no cfg: the last Linear
+    sd = {**_state_dict(seed=7), "aux.weight": torch.zeros(4, 4), "aux.bias": torch.zeros(4)}
+    assert load_weights(Named(3), sd, reset_head=True).head_reset == ("fc.weight", "fc.bias")
+    sd["aux.weight"] = torch.zeros(2, 4)
+    assert "aux.weight: file [2, 4] vs model [4, 4]" in _error(lambda: load_weights(Named(3), sd, reset_head=True))
+
+
+def test_a_model_built_without_its_head_drops_the_files_head():
+    model = Tiny()
+    model.fc = nn.Identity()
+    model.pretrained_cfg = {"classifier": "fc"}
+    sd = _state_dict(seed=8)
+    summary = load_weights(model, sd, reset_head=True)
+    assert summary.dropped == ("fc.weight", "fc.bias") and summary.loaded == len(sd) - 2
+    assert torch.equal(model.conv1.weight, sd["conv1.weight"])
+    assert "2 unexpected (fc.weight, fc.bias)" in _error(lambda: load_weights(model, sd))
+
+
+def test_plain_pickle_is_refused_in_one_line_without_warnings(tmp_path, capfd):
+    """A state dict written with pickle.dump (protocol 4+) makes torch warn before it fails: binarize says one
+    thing, and nothing else is printed."""
+    import pickle
+    import warnings
+
+    with (tmp_path / "raw.pth").open("wb") as f:
+        pickle.dump(_state_dict(), f)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        message = _error(tmp_path / "raw.pth")
+    assert caught == []
+    assert capfd.readouterr().err == ""
+    assert "is not a weights file (it is a plain pickle written by pickle.dump" in message
+    torch.save(_state_dict(), tmp_path / "p4.pt", pickle_protocol=4, _use_new_zipfile_serialization=False)
+    assert "it uses pickle protocol 4, which torch's safe loader" in _error(tmp_path / "p4.pt")

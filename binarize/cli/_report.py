@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from binarize.conversion.report import Report
+import binarize
 
 __all__ = ["render_report"]
 
@@ -24,7 +24,7 @@ def _count(n: float) -> str:
     return f"{n:.0f}"
 
 
-def render_report(report: Report, console, title: str = "binarize") -> None:
+def render_report(report: binarize.Report, console, title: str = "binarize") -> None:
     """Prints the layer table and the summary."""
     layers = Table(title=f"{title}: layers", header_style="bold")
     for column in ("layer", "op", "weight shape", "decision", "reason", "MACs"):

@@ -8,7 +8,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from binarize.cli._common import console, errors_as_one_line
+import binarize
+from binarize.cli._common import check_run_dir, console, errors_as_one_line
 from binarize.cli._report import _size
 from binarize.demo import run_demo
 from binarize.engine.progress import RichReporter
@@ -16,13 +17,30 @@ from binarize.engine.progress import RichReporter
 __all__ = ["demo_command"]
 
 
+def _check_options(epochs: int, output: Path | None) -> None:
+    """The demo's options, checked before the float CNN is trained (in the command line's words)."""
+    if epochs < 1:
+        raise binarize.BinarizeError(f"--epochs must be >= 1 (the binary model's fine-tuning epochs), got {epochs}")
+    if output is None:
+        return
+    check_run_dir(output)
+    if output.is_dir() and any(output.iterdir()):
+        raise binarize.BinarizeError(
+            f"--output {output} is not empty; the demo starts a new run every time (it cannot continue one): "
+            "give a new or empty directory"
+        )
+
+
 @errors_as_one_line
 def demo_command(
     epochs: Annotated[int, typer.Option(help="Fine-tuning epochs of the binary model.")] = 8,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Keep the run (checkpoints, metrics).")] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Keep the run (checkpoints, metrics) in this new directory.")
+    ] = None,
 ) -> None:
     """Train a small CNN on handwritten digits, binarize it, fine-tune it, and compare."""
+    _check_options(epochs, output)
     console.print("Training a float CNN on scikit-learn's handwritten digits (1,797 images, 8x8)...")
     result = run_demo(seed=seed, binary_epochs=epochs, output_dir=output, reporter=RichReporter())
     table = Table(title="binarize demo: digits, 1-bit weights and activations (ReCU)")

@@ -6,23 +6,29 @@ import json
 from pathlib import Path
 from typing import Annotated
 
+import torch
 import typer
 
 import binarize
-from binarize.cli._common import errors_as_one_line
-from binarize.engine.distributed import from_environment
+import binarize.engine
+from binarize.cli._common import (
+    OfflineOption,
+    build_model,
+    check_num_classes,
+    check_run_dir,
+    decide_offline,
+    errors_as_one_line,
+)
 
-__all__ = ["finetune_command", "recipe_from_options"]
+__all__ = ["EXAMPLES", "finetune_command", "recipe_from_options"]
 
-EXAMPLES = """
-Examples:
+EXAMPLES = """Examples:
 
-  binarize finetune --recipe cifar10-resnet20-posthoc --data cifar10 --weights resnet20.th -o runs/r20
+binarize finetune --recipe cifar10-resnet20-posthoc --data cifar10 --weights resnet20.th -o runs/r20
 
-  binarize finetune --recipe cifar10-resnet20-posthoc --data cifar10 --weights resnet20.th -o runs/r20 --resume
+binarize finetune --recipe cifar10-resnet20-posthoc --data cifar10 --weights resnet20.th -o runs/r20 --resume
 
-  torchrun --nproc_per_node 4 -m binarize.cli.main finetune --recipe imagenet-resnet18-posthoc \
-      --data imagenet -o runs/in
+torchrun --nproc_per_node 4 -m binarize.cli.main finetune --recipe imagenet-resnet18-posthoc --data imagenet -o runs/in
 """
 
 
@@ -76,16 +82,36 @@ def finetune_command(
     limit_train: Annotated[int | None, typer.Option(help="Train on a class-balanced random subset.")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --output from its last checkpoint.")] = False,
+    offline: OfflineOption = None,
     overrides: Annotated[
         list[str], typer.Option("--set", help="Override a recipe field: key=value (dotted path), repeatable.")
     ] = [],  # noqa: B006
 ) -> None:
     """Fine-tune a binary model from a float one; writes checkpoints, metrics.jsonl and the recipe."""
+    check_num_classes(num_classes)
+    check_run_dir(output)
     resolved = recipe_from_options(
         recipe, model, weights, pretrained, num_classes, epochs, batch_size, limit_train, device, overrides
     )
-    ctx = from_environment()
-    result = binarize.finetune(None, resolved, data_dir=data, output_dir=output, resume=resume, ctx=ctx)
+    ctx = binarize.engine.from_environment()
+    float_model = None
+    spec = resolved.model.spec
+    if spec:
+        weights_file = Path(resolved.model.weights) if resolved.model.weights else None
+        # Built here (the command decides offline and says what --weights loaded), from the recipe's seed as
+        # binarize.finetune would build it: every process of a torchrun job gets the same initialisation.
+        torch.manual_seed(resolved.train.seed)
+        float_model = build_model(
+            spec,
+            pretrained=resolved.model.pretrained,
+            num_classes=resolved.model.num_classes,
+            weights=weights_file,
+            offline=decide_offline(offline, spec, resolved.model.pretrained, weights_file),
+            pretrained_hint="--no-pretrained (the recipe's model.pretrained)",
+            num_classes_origin="--num-classes" if num_classes is not None else "the recipe's model.num_classes",
+            report=ctx.is_main,
+        )
+    result = binarize.finetune(float_model, resolved, data_dir=data, output_dir=output, resume=resume, ctx=ctx)
     if ctx.is_main:
         best = result.best
         typer.echo(
@@ -94,6 +120,3 @@ def finetune_command(
             err=True,
         )
     ctx.shutdown()
-
-
-finetune_command.__doc__ += EXAMPLES

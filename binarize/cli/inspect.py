@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 import binarize
-from binarize.cli._common import FormatOption, OutputFormat, console, errors_as_one_line, print_json
+from binarize.cli._common import FormatOption, OutputFormat, console, errors_as_one_line, print_json, print_warnings
 from binarize.cli._report import render_report
 
 __all__ = ["inspect_command"]
@@ -20,7 +20,9 @@ def inspect_command(
     output_format: FormatOption = OutputFormat.table,
 ) -> None:
     """Print the layers and the size/ops summary of a saved binary model."""
-    report = binarize.inspect(binarize.load(file))
+    model = binarize.load(file)
+    print_warnings(model)
+    report = binarize.inspect(model)
     if output_format is OutputFormat.json:
         print_json(report.to_dict())
     else:

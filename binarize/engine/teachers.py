@@ -53,6 +53,7 @@ class Teachers:
                     pretrained=distill.teacher_pretrained,
                     num_classes=self.num_classes,
                     weights=distill.teacher_weights,
+                    reset_head=False,  # a teacher whose head does not fit the classes cannot teach them
                 )
             teacher.to(self.device).eval().requires_grad_(False)
             if self.channels_last:

@@ -20,8 +20,8 @@ lambdas, and no control flow on tensor values, so ``torch.fx.symbolic_trace`` tr
 can replace single nodes. Every model carries a timm-style ``pretrained_cfg`` dict (also as
 ``default_cfg``) whose ``first_conv`` and ``classifier`` name the stem convolution and the head.
 
-No weights can be downloaded: ``pretrained=True`` raises :class:`~binarize.errors.ModelSpecError`; load a
-file with :func:`binarize.weights.load_weights` instead.
+No weights can be downloaded: ``pretrained=True`` raises :class:`~binarize.models.PretrainedUnavailable` (a
+:class:`~binarize.errors.ModelSpecError`); load a file with :func:`binarize.weights.load_weights` instead.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from torch import nn
 
 from binarize.data.constants import IMAGENET_MEAN, IMAGENET_STD
 from binarize.errors import ModelSpecError
+from binarize.models import PretrainedUnavailable
 
 __all__ = [
     "AvgPoolShortcut",
@@ -367,8 +368,9 @@ default_cfgs: dict[str, dict[str, Any]] = {
 def _create(name: str, pretrained: bool, build: Any, num_classes: int, in_chans: int, kwargs: dict) -> nn.Module:
     """Builds a registered model, attaches its ``pretrained_cfg`` and handles timm's factory arguments."""
     if pretrained:
-        raise ModelSpecError(
-            f"{name} has no downloadable weights; create it with pretrained=False and pass a weights file (--weights)"
+        raise PretrainedUnavailable(
+            f"{name} has no downloadable weights",
+            "create it with pretrained=False and load a weights file (binarize.weights.load_weights; --weights)",
         )
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     cfg_arg = kwargs.pop("pretrained_cfg", None)
