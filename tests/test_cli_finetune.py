@@ -177,6 +177,14 @@ def test_corrupt_image_and_a_clean_rerun(tiny_recipe_file, tiny_data, tmp_path):
     assert read_metrics(out)[0]["val_images"] == 17
 
 
+def test_limit_val_option(tiny_recipe_file, tiny_data, tmp_path):
+    out = tmp_path / "run"
+    result = finetune(tiny_recipe_file, tiny_data, out, "--epochs", "1", "--limit-train", "16", "--limit-val", "9")
+    assert result.exit_code == 0, result.output
+    assert [r["val_images"] for r in read_metrics(out)] == [9, 9]
+    assert binarize.load_recipe(out / "recipe.yaml").train.limit_val == 9
+
+
 def test_misspelt_key_in_a_recipe_file(tiny_recipe_file, tiny_data, tmp_path):
     path = tmp_path / "typo.yaml"
     path.write_text(tiny_recipe_file.read_text().replace("batch_size:", "bacth_size:"))

@@ -9,10 +9,10 @@ import typer
 from rich.table import Table
 
 import binarize
+import binarize.engine
 from binarize.cli._common import check_run_dir, console, errors_as_one_line
 from binarize.cli._report import _size
 from binarize.demo import run_demo
-from binarize.engine.progress import RichReporter
 
 __all__ = ["demo_command"]
 
@@ -42,7 +42,7 @@ def demo_command(
     """Train a small CNN on handwritten digits, binarize it, fine-tune it, and compare."""
     _check_options(epochs, output)
     console.print("Training a float CNN on scikit-learn's handwritten digits (1,797 images, 8x8)...")
-    result = run_demo(seed=seed, binary_epochs=epochs, output_dir=output, reporter=RichReporter())
+    result = run_demo(seed=seed, binary_epochs=epochs, output_dir=output, reporter=binarize.engine.default_reporter())
     table = Table(title="binarize demo: digits, 1-bit weights and activations (ReCU)")
     table.add_column("model")
     table.add_column("val top-1", justify="right")

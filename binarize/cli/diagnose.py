@@ -9,10 +9,9 @@ import typer
 
 import binarize
 from binarize.cli._common import FormatOption, OutputFormat, console, errors_as_one_line, print_json, stderr
-from binarize.data import DataConfig, Loader, build_datasets, resolve_data_config
 from binarize.diagnostics import DIAGNOSTICS, History, diagnose, read_history
 from binarize.diagnostics.table import render_table
-from binarize.engine.checkpoint import LAST
+from binarize.engine import LAST
 from binarize.errors import BinarizeError, FileFormatError
 
 __all__ = ["diagnose_command"]
@@ -21,22 +20,15 @@ HISTORY_PNG = "diagnostics.png"
 WEIGHTS_PNG = "weights.png"
 
 
-def _saturation_loader(model, data: Path, batch_size: int, workers: int, device) -> Loader:
-    """The validation split of ``data``, prepared as in the run that wrote the model (as ``binarize eval``)."""
-    run = binarize.run_record(model)
-    cfg = DataConfig(workers=workers)
-    resolved = run.data if run is not None and run.data is not None else resolve_data_config(cfg, model)
-    datasets = build_datasets(cfg, data, resolved)
-    return Loader(datasets.val, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda")
-
-
 def _model_file(file: Path, data: Path | None, batches: int, batch_size: int, workers: int, device: str):
     """Diagnoses the model in ``file`` itself: no history, so no flip figures."""
     target = binarize.engine.DistContext().device(device)
     model = binarize.load(file, device=target)
     run = binarize.run_record(model)
     metrics = run.metrics if run is not None else {}
-    loader = _saturation_loader(model, data, batch_size, workers, target) if data is not None else None
+    loader = None
+    if data is not None:
+        loader = binarize.engine.eval_loader(model, data, batch_size=batch_size, workers=workers, device=target)
     try:
         diagnosis = diagnose(model, loader, max_batches=batches)
     finally:

@@ -43,6 +43,8 @@ def recipe_from_options(
     limit_train: int | None,
     device: str | None,
     overrides: list[str],
+    *,
+    limit_val: int | None = None,
 ) -> binarize.Recipe:
     """The recipe with the command-line options applied (they override the file, --set overrides both)."""
     # Strings go in as quoted YAML scalars (JSON), so paths with '#', ': ' or a leading '*' stay as given.
@@ -61,6 +63,8 @@ def recipe_from_options(
         sets.append(f"batch_size={batch_size}")
     if limit_train is not None:
         sets.append(f"train.limit_train={limit_train}")
+    if limit_val is not None:
+        sets.append(f"train.limit_val={limit_val}")
     if device is not None:
         sets.append(f"train.device={json.dumps(device)}")
     return binarize.load_recipe(recipe, [*sets, *overrides])
@@ -80,6 +84,9 @@ def finetune_command(
     epochs: Annotated[int | None, typer.Option(help="Epochs of every stage.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Batch size of every stage (per process).")] = None,
     limit_train: Annotated[int | None, typer.Option(help="Train on a class-balanced random subset.")] = None,
+    limit_val: Annotated[
+        int | None, typer.Option(help="Validate every epoch on a seeded, class-balanced subset of this many images.")
+    ] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --output from its last checkpoint.")] = False,
     offline: OfflineOption = None,
@@ -91,8 +98,9 @@ def finetune_command(
     check_num_classes(num_classes)
     check_run_dir(output)
     resolved = recipe_from_options(
-        recipe, model, weights, pretrained, num_classes, epochs, batch_size, limit_train, device, overrides
-    )
+        recipe, model, weights, pretrained, num_classes, epochs, batch_size, limit_train, device, overrides,
+        limit_val=limit_val,
+    )  # fmt: skip
     ctx = binarize.engine.from_environment()
     float_model = None
     spec = resolved.model.spec

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import types
-import typing
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 from torch import nn
 
-from binarize._utils import nearest
 from binarize.config import Config, check
 from binarize.data.constants import IMAGENET_MEAN, IMAGENET_STD
 
@@ -64,7 +61,6 @@ class DataConfig(Config):
     val_split: str | None = None
 
     def validate(self) -> None:
-        _check_choices(self)
         if self.input_size is not None:
             _check_input_size(self.input_size)
         for name in ("mean", "std"):
@@ -115,7 +111,6 @@ class ResolvedData(Config):
     augmentation: Literal["cifar", "imagenet", "none"] = "imagenet"
 
     def validate(self) -> None:
-        _check_choices(self)
         _check_input_size(self.input_size)
         channels = self.input_size[0]
         for name in ("mean", "std"):
@@ -123,24 +118,6 @@ class ResolvedData(Config):
             check(len(value) == channels, name, f"needs {channels} value(s) for {channels} channel(s), got {value!r}")
             _check_stats(name, value)
         _check_crop_pct(self.crop_pct)
-
-
-def _check_choices(cfg: Config) -> None:
-    """Checks ``Literal`` fields also for direct construction (``from_dict`` checks them already)."""
-    hints = typing.get_type_hints(type(cfg))
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        choices = [
-            a for arg in _union_args(hints[f.name]) if typing.get_origin(arg) is Literal for a in typing.get_args(arg)
-        ]
-        if choices and value is not None:
-            suffix = nearest(str(value), [str(c) for c in choices])
-            options = ", ".join(repr(c) for c in choices)
-            check(value in choices, f.name, f"must be one of {options}, got {value!r}{suffix}")
-
-
-def _union_args(hint: Any) -> tuple[Any, ...]:
-    return typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
 
 
 def _check_input_size(size: Sequence[int]) -> None:

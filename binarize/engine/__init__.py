@@ -7,8 +7,9 @@ of the binary layers), ``rundir`` (run-directory rules), ``teachers`` (distillat
 ``optim``, ``losses``, ``distributed``.
 """
 
+from binarize.engine.checkpoint import BEST, LAST
 from binarize.engine.distributed import DistContext, from_environment
-from binarize.engine.evaluation import autocast_dtype, evaluate, evaluate_file
+from binarize.engine.evaluation import autocast_dtype, eval_loader, evaluate, evaluate_file
 from binarize.engine.layers import set_tau, set_weight_binarization
 from binarize.engine.loop import FinetuneResult, finetune
 from binarize.engine.progress import PlainReporter, Reporter, RichReporter, default_reporter
@@ -16,7 +17,9 @@ from binarize.engine.schedules import lr_at, lr_curve, tau_at
 from binarize.engine.tau_scheduler import TauScheduler
 
 __all__ = [
+    "BEST",
     "DistContext",
+    "LAST",
     "FinetuneResult",
     "TauScheduler",
     "PlainReporter",
@@ -24,6 +27,7 @@ __all__ = [
     "RichReporter",
     "autocast_dtype",
     "default_reporter",
+    "eval_loader",
     "evaluate",
     "evaluate_file",
     "finetune",

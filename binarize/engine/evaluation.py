@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from binarize.config import check
-from binarize.data import DataConfig, build_eval_dataset, build_eval_loader, resolve_data_config
+from binarize.data import DataConfig, Loader, build_eval_dataset, build_eval_loader, resolve_data_config
 from binarize.engine.distributed import DistContext, all_reduce_sum
 from binarize.engine.losses import top_k_correct
 from binarize.files import load, run_record
@@ -66,6 +66,37 @@ def evaluate(
     return {"top1": 100.0 * top1 / count, "top5": 100.0 * top5 / count, "loss": loss / count, "images": int(count)}
 
 
+def eval_loader(
+    model: nn.Module,
+    data_dir: str | Path,
+    *,
+    batch_size: int = 256,
+    workers: int = 2,
+    device: torch.device | None = None,
+    limit: int | None = None,
+) -> Loader:
+    """The evaluation split of ``data_dir`` (``val/`` or ``test/`` alone), prepared for ``model``.
+
+    The images are prepared as in the run that wrote the model (its run record's data settings, and
+    its classes checked against the folders), else from the model's defaults.
+
+    Args:
+        model: A model from :func:`binarize.load` (or any model: then its timm defaults are used).
+        data_dir: The dataset directory.
+        batch_size: Images per batch.
+        workers: Loader worker processes; 0 loads in the main process.
+        device: Where the batches go (pinned memory for CUDA).
+        limit: A seeded, class-balanced subset of this many images.
+    """
+    cfg = DataConfig(workers=workers)
+    run = run_record(model)
+    resolved = run.data if run is not None and run.data is not None else resolve_data_config(cfg, model)
+    classes = list(run.classes) if run is not None and run.classes else None
+    dataset = build_eval_dataset(cfg, data_dir, resolved, classes=classes)
+    device_type = device.type if device is not None else "cpu"
+    return build_eval_loader(dataset, batch_size, workers=workers, limit=limit, device_type=device_type)
+
+
 def evaluate_file(
     path: str | Path,
     data_dir: str | Path,
@@ -105,13 +136,8 @@ def evaluate_file(
     """
     check(batch_size >= 1, "batch_size", f"must be >= 1, got {batch_size}")
     target = DistContext().device(device)
-    cfg = DataConfig(workers=workers)
     model = load(path, device=target)
-    run = run_record(model)
-    resolved = run.data if run is not None and run.data is not None else resolve_data_config(cfg, model)
-    classes = list(run.classes) if run is not None and run.classes else None
-    dataset = build_eval_dataset(cfg, data_dir, resolved, classes=classes)
-    loader = build_eval_loader(dataset, batch_size, workers=workers, limit=limit, device_type=target.type)
+    loader = eval_loader(model, data_dir, batch_size=batch_size, workers=workers, device=target, limit=limit)
     try:
         return evaluate(model, loader, target, autocast_dtype("fp32", target))
     finally:
