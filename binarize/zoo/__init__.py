@@ -15,41 +15,10 @@ Example::
     ('conv1', 'linear')
 """
 
-from binarize.zoo.cifar import (
-    AvgPoolShortcut,
-    BasicBlock,
-    CifarResNet,
-    OptionAShortcut,
-    VGGSmall,
-    cifar_resnet18,
-    cifar_resnet20,
-    cifar_resnet32,
-    cifar_resnet44,
-    cifar_resnet56,
-    cifar_vgg_small,
-)
+from binarize.zoo import cifar
+from binarize.zoo.cifar import *  # noqa: F403 - the package re-exports the CIFAR architectures
 
-__all__ = [
-    "MODEL_NAMES",
-    "AvgPoolShortcut",
-    "BasicBlock",
-    "CifarResNet",
-    "OptionAShortcut",
-    "VGGSmall",
-    "cifar_resnet18",
-    "cifar_resnet20",
-    "cifar_resnet32",
-    "cifar_resnet44",
-    "cifar_resnet56",
-    "cifar_vgg_small",
-]
+__all__ = ["MODEL_NAMES", *cifar.__all__]
 
 #: The model names this package registers in timm.
-MODEL_NAMES: tuple[str, ...] = (
-    "cifar_resnet20",
-    "cifar_resnet32",
-    "cifar_resnet44",
-    "cifar_resnet56",
-    "cifar_resnet18",
-    "cifar_vgg_small",
-)
+MODEL_NAMES: tuple[str, ...] = tuple(name for name in cifar.__all__ if name.startswith("cifar_"))
