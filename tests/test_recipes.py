@@ -287,3 +287,8 @@ def test_unknown_override_keys_point_at_the_field(recipe, override, message, val
     assert len(suggested) == (0 if valid_value is None else len(suggested)) and (valid_value is None) == (not suggested)
     for path in suggested:  # every suggestion works as given
         load_recipe(recipe, [f"{path}={valid_value}"])
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_recipe_text_points_at_nothing_users_lack(name):
+    assert "../shared" not in recipe_text(name)  # the developers' shared folder is not the users'
