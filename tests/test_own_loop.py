@@ -1,4 +1,4 @@
-"""docs/own-loop.md's example runs as it is: its code block is extracted from the markdown file and executed
+"""docs/finetune.md's "Your own training loop" example runs as it is: its code block is extracted and executed
 (a small CNN on random images, a few seconds), then tau is checked against ReCU's schedule, epoch by epoch."""
 
 from __future__ import annotations
@@ -13,13 +13,15 @@ import torch
 from binarize.diagnostics import RECORD_KEYS, read_history
 from binarize.nn import ReCUConv2d
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "own-loop.md"
+DOC = Path(__file__).resolve().parents[1] / "docs" / "finetune.md"
+SECTION = "\n## Your own training loop\n"
 
 
 def python_blocks() -> list[str]:
-    """The python code blocks of the page "# Your own training loop", in order."""
+    """The python code blocks of the section "Your own training loop", in order."""
     text = DOC.read_text()
-    assert text.startswith("# Your own training loop\n")
+    assert SECTION in text, f"no section 'Your own training loop' in {DOC}"
+    text = text.split(SECTION, 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)
     assert blocks, f"no python code block in {DOC}"
     return blocks
