@@ -385,6 +385,8 @@ def test_packed_file_round_trip_is_bitwise(r20, tmp_path):
     assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
     with pytest.raises(TrainingError):
         loaded.train()
+    for model in (loaded, packed):  # float convs take the packed layers' channels-last outputs
+        assert model.get_submodule("conv1").weight.is_contiguous(memory_format=torch.channels_last)
     header = bx.read_packed_header(out)
     assert header.source == {"spec": "cifar_resnet20", "num_classes": 10}
     assert header.packed.float_dtype == "fp32" and header.packed.layers == bx.packed_meta(packed).layers

@@ -170,7 +170,7 @@ def time_interleaved(
 
 def _torch_call(model: nn.Module, x: torch.Tensor) -> Callable[[], Any]:
     def run() -> Any:
-        with torch.inference_mode():
+        with torch.no_grad():
             return model(x)
 
     return run
@@ -179,7 +179,7 @@ def _torch_call(model: nn.Module, x: torch.Tensor) -> Callable[[], Any]:
 def _packed_call(model: nn.Module, x: torch.Tensor, kernel: str) -> Callable[[], Any]:
     def run() -> Any:
         _layer.set_kernel(model, kernel)
-        with torch.inference_mode():
+        with torch.no_grad():
             return model(x)
 
     return run

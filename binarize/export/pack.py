@@ -31,7 +31,7 @@ from binarize.export.record import PACKED_ATTR, ExportError, PackedLayerRecord, 
 from binarize.models import SOURCE_ATTR
 from binarize.nn.conv import ReCUConv2d
 
-__all__ = ["FoldedNorm", "build_shell", "fold_plan", "make_inference_only", "pack"]
+__all__ = ["FoldedNorm", "build_shell", "channels_last_float_convs", "fold_plan", "make_inference_only", "pack"]
 
 _RUN_ATTR = "binarize_run"  # binarize.files.RUN_ATTR (not imported: binarize.files imports the conversion)
 _CARRIED = (RECORD_ATTR, SOURCE_ATTR, _RUN_ATTR, PACKED_ATTR, "pretrained_cfg", "default_cfg", "num_classes")
@@ -173,6 +173,21 @@ def _refuse_train(self: nn.Module, mode: bool = True) -> nn.Module:
     return nn.Module.train(self, False)
 
 
+def channels_last_float_convs(model: nn.Module) -> nn.Module:
+    """Stores every float conv's weight channels-last, in place.
+
+    The packed layers return channels-last (NHWC) outputs, which is what their kernel writes; a float conv
+    that receives such an input with an NCHW weight falls back to a slow convolution path on CPU, so the
+    float convs are given the layout of their inputs (ResNet-18 at 224 px, 1 thread: 81 -> 52 ms). The
+    values are unchanged.
+    """
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Conv2d) and module.weight.dim() == 4:
+                module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last)
+    return model
+
+
 def make_inference_only(model: nn.Module) -> nn.Module:
     """Eval mode, no gradients, and ``.train()`` refused with a one-line :class:`TrainingError`."""
     model.requires_grad_(False)
@@ -241,4 +256,4 @@ def pack(model: nn.Module, *, fold_float_bn: bool = True) -> nn.Module:
         _fold_into_float_conv(packed.get_submodule(conv_name), norm)
         replace_submodule(packed, norm_name, _norm_remainder(norm))
     setattr(packed, PACKED_ATTR, record)
-    return make_inference_only(packed)
+    return make_inference_only(channels_last_float_convs(packed))
