@@ -41,6 +41,7 @@ import binarize.export as bx
 from binarize.export import layer as packed_layer
 from binarize.export.bench import machine_line, time_interleaved
 from binarize.export.onnx_export import float_onnx
+from binarize.nn import ReCUConv2d
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 CHECKPOINT = SHARED / "models" / "cifar10-resnet20-12fca82f.th"
@@ -161,9 +162,9 @@ def m7(work: Path, rounds: int, threads_list: list[int], round_s: float) -> dict
     return results
 
 
-def _finetune(data: Path, work: Path, steps: int, batch: int) -> Path:
+def _finetune(data: Path, work: Path, steps: int, batch: int, checkpoint: Path) -> Path:
     """A short post-hoc fine-tune of the pretrained ResNet-20; returns its final model file."""
-    float_model = binarize.create_model("cifar_resnet20", weights=CHECKPOINT)
+    float_model = binarize.create_model("cifar_resnet20", weights=checkpoint)
     overrides = [
         "epochs=1",
         f"stages.0.batch_size={batch}",
@@ -184,13 +185,13 @@ def _finetune(data: Path, work: Path, steps: int, batch: int) -> Path:
     return work / "run" / "last.safetensors"
 
 
-def parity(data: Path, work: Path, steps: int, batch: int, model_file: Path | None) -> dict:
+def parity(data: Path, work: Path, steps: int, batch: int, model_file: Path | None, checkpoint: Path) -> dict:
     import onnxruntime
 
     from binarize.data import DataConfig, Loader, build_datasets
 
     torch.set_num_threads(1)
-    source = model_file or _finetune(data, work, steps, batch)
+    source = model_file or _finetune(data, work, steps, batch, checkpoint)
     simulated = binarize.load(source)
     packed_path = bx.export(source, work / "r20.packed.safetensors", force=True)
     onnx_path = bx.export(source, work / "r20.onnx", "onnx", force=True)
@@ -226,21 +227,58 @@ def parity(data: Path, work: Path, steps: int, batch: int, model_file: Path | No
     for name in ("simulated", "packed", "onnx", "float64"):
         print(f"  top-1 {name:9s} {result['top1'][name]:.2f}%", flush=True)
     pairs = [("packed", "simulated"), ("onnx", "simulated"), ("onnx", "packed"), ("packed", "float64")]
+    pairs += [("simulated", "float64"), ("onnx", "float64")]
+    differing: set[int] = set()
     for a, b in pairs:
         differ = (out[a].argmax(1) != out[b].argmax(1)).nonzero().flatten().tolist()
-        relative = ((out[a].double() - out[b].double()).abs().amax(dim=1) / scale).max().item()
+        per_image = (out[a].double() - out[b].double()).abs().amax(dim=1) / scale
         key = f"{a} vs {b}"
         result["disagreements"][key] = differ
-        result["max_relative_logit_difference"][key] = relative
-        print(f"  {key:20s} top-1 differs on {len(differ)} image(s) {differ[:10]}; max |logit diff| / scale "
-              f"{relative:.2e}", flush=True)  # fmt: skip
-        for i in differ:
-            top2 = out["float64"][i].topk(2).values
-            gap = (top2[0] - top2[1]).item() / scale[i].item()
-            note = f"image {i}: {key}; float64 top-2 logit gap {gap:.2e} of the scale"
-            result["explained"].append(note)
-            print(f"    {note}", flush=True)
+        result["max_relative_logit_difference"][key] = per_image.max().item()
+        result.setdefault("images_over_1e-4", {})[key] = int((per_image > 1e-4).sum())
+        result.setdefault("median_relative_logit_difference", {})[key] = per_image.median().item()
+        differing.update(differ)
+        print(f"  {key:20s} top-1 differs on {len(differ)} image(s) {differ[:10]}; |logit diff| / scale: max "
+              f"{per_image.max().item():.2e}, median {per_image.median().item():.2e}, "
+              f"{int((per_image > 1e-4).sum())} image(s) over 1e-4", flush=True)  # fmt: skip
+    for i in sorted(differing):
+        top2 = out["float64"][i].topk(2).values
+        gap = (top2[0] - top2[1]).item() / scale[i].item()
+        tie = _nearest_sign_tie(reference, datasets.val[i][0])
+        note = (
+            f"image {i}: float64 top-2 logit gap {gap:.2e} of the scale; its smallest sign input (float64) is "
+            f"{tie[1]:.1e} at {tie[0]}, where float32 rounding decides the sign"
+        )
+        result["explained"].append(note)
+        print(f"    {note}", flush=True)
     return result
+
+
+def _nearest_sign_tie(reference: torch.nn.Module, image: torch.Tensor) -> tuple[str, float]:
+    """The binary layer whose input (after its activation bias) comes closest to 0 on ``image``, and how close."""
+    best = ("", float("inf"))
+    values = {}
+
+    def hook(name):
+        def keep(module, args):
+            x = args[0]
+            if module.activation_bias is not None:
+                x = x + module.activation_bias.view(1, -1, 1, 1)
+            values[name] = x.abs().min().item()
+
+        return keep
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in reference.named_modules() if isinstance(m, ReCUConv2d)]
+    try:
+        with torch.no_grad():
+            reference(image.unsqueeze(0).double())
+    finally:
+        for h in handles:
+            h.remove()
+    for name, value in values.items():
+        if value < best[1]:
+            best = (name, value)
+    return best
 
 
 def main() -> None:
@@ -253,6 +291,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300, help="fine-tuning steps for the parity run")
     parser.add_argument("--batch", type=int, default=64, help="fine-tuning batch size for the parity run")
     parser.add_argument("--model-file", type=Path, help="parity: use this fine-tuned model file instead")
+    parser.add_argument("--checkpoint", type=Path, default=CHECKPOINT, help="parity: the pretrained float ResNet-20")
     parser.add_argument("--work", type=Path, help="folder for the files written (default: a temporary one)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
@@ -269,10 +308,10 @@ def main() -> None:
         if "m7" in args.only:
             results["m7"] = m7(work, args.rounds, args.threads, args.round_s)
         if "parity" in args.only:
-            if not (args.model_file or CHECKPOINT.is_file()) or not (args.data / "test").is_dir():
-                print(f"parity skipped: needs {CHECKPOINT} and {args.data}/test", flush=True)
+            if not (args.model_file or args.checkpoint.is_file()) or not (args.data / "test").is_dir():
+                print(f"parity skipped: needs {args.checkpoint} and {args.data}/test", flush=True)
             else:
-                results["parity"] = parity(args.data, work, args.steps, args.batch, args.model_file)
+                results["parity"] = parity(args.data, work, args.steps, args.batch, args.model_file, args.checkpoint)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 
