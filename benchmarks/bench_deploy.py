@@ -39,8 +39,8 @@ from safetensors.torch import save_file
 import binarize
 import binarize.export as bx
 from binarize.export import layer as packed_layer
-from binarize.export.bench import machine_line, time_interleaved
 from binarize.export.onnx_export import float_onnx
+from binarize.export.timing import machine_line, time_interleaved
 from binarize.nn import ReCUConv2d
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"

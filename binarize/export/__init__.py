@@ -19,10 +19,9 @@ import sys
 import types
 
 from binarize.export.api import FORMATS, export, packed_model
-from binarize.export.bench import BenchResult, BenchRow, bench, machine_line
+from binarize.export.folding import pack
 from binarize.export.layer import NATIVE_RUNTIME
 from binarize.export.onnx_export import export_onnx
-from binarize.export.pack import pack
 from binarize.export.packed_file import (
     FORMAT,
     FORMAT_VERSION,
@@ -33,6 +32,7 @@ from binarize.export.packed_file import (
     save_packed,
 )
 from binarize.export.record import ExportError, PackedLayerRecord, PackedRecord, packed_meta
+from binarize.export.timing import BenchResult, BenchRow, bench, machine_line
 
 __all__ = [
     "FORMAT",

@@ -9,8 +9,8 @@ from torch import Tensor, nn
 
 from binarize._utils import nearest, unwrap
 from binarize.errors import BinarizeError
+from binarize.export.folding import pack
 from binarize.export.onnx_export import export_onnx
-from binarize.export.pack import pack
 from binarize.export.packed_file import FLOAT_DTYPES, FORMAT, file_format, load_packed, save_packed
 from binarize.export.record import packed_meta
 from binarize.files import check_output_path

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from binarize._utils import default_example_inputs, replace_submodule, unwrap
 from binarize.errors import BinarizeError
 from binarize.export import layer as _layer
-from binarize.export.pack import _copy
+from binarize.export.folding import _copy
 from binarize.export.record import packed_meta
 from binarize.files import atomic_write
 

@@ -36,7 +36,7 @@ from binarize.conversion.pipeline import convert
 from binarize.conversion.record import RECORD_ATTR, ConversionRecord, binarize_meta
 from binarize.errors import BinarizeError, FileFormatError, WeightsError
 from binarize.export import layer as _layer
-from binarize.export.pack import _RUN_ATTR, build_shell, channels_last_float_convs, make_inference_only
+from binarize.export.folding import _RUN_ATTR, build_shell, channels_last_float_convs, make_inference_only
 from binarize.export.record import PACKED_ATTR, PackedRecord, packed_meta
 from binarize.files import RunRecord, atomic_write
 from binarize.models import SOURCE_ATTR, create_model

@@ -28,12 +28,12 @@ from binarize.conversion.record import RECORD_ATTR, binarize_meta
 from binarize.errors import BinarizeError, TrainingError
 from binarize.export import layer as _layer
 from binarize.export.record import PACKED_ATTR, ExportError, PackedLayerRecord, PackedRecord
+from binarize.files import RUN_ATTR as _RUN_ATTR
 from binarize.models import SOURCE_ATTR
 from binarize.nn.conv import ReCUConv2d
 
 __all__ = ["FoldedNorm", "build_shell", "channels_last_float_convs", "fold_plan", "make_inference_only", "pack"]
 
-_RUN_ATTR = "binarize_run"  # binarize.files.RUN_ATTR (not imported: binarize.files imports the conversion)
 _CARRIED = (RECORD_ATTR, SOURCE_ATTR, _RUN_ATTR, PACKED_ATTR, "pretrained_cfg", "default_cfg", "num_classes")
 
 

@@ -28,7 +28,7 @@ from binarize._utils import default_example_inputs
 from binarize.conversion.pipeline import convert
 from binarize.errors import BinarizeError
 from binarize.export import layer as _layer
-from binarize.export.pack import pack
+from binarize.export.folding import pack
 from binarize.export.packed_file import FORMAT, file_format, load_packed, read_packed_header
 from binarize.models import create_model
 
