@@ -37,10 +37,10 @@ import torchvision
 from safetensors.torch import save_file
 
 import binarize
-import binarize.export as bx
-from binarize.export import layer as packed_layer
-from binarize.export.onnx_export import float_onnx
-from binarize.export.timing import machine_line, time_interleaved
+import binarize.deploy as bx
+from binarize.deploy import layer as packed_layer
+from binarize.deploy.onnx_export import float_onnx
+from binarize.deploy.timing import machine_line, time_interleaved
 from binarize.nn import ReCUConv2d
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -297,8 +297,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(machine_line(), flush=True)
-    print(f"native runtime merged: {bx.NATIVE_RUNTIME}; command: {' '.join(sys.argv)}", flush=True)
-    results: dict = {"machine": machine_line(), "native_runtime": bx.NATIVE_RUNTIME}
+    info = binarize.nn.kernel_info()
+    print(f"kernel: {info['active']} (available: {', '.join(info['available'])}); command: {' '.join(sys.argv)}")
+    results: dict = {"machine": machine_line(), "kernel": info}
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)

@@ -31,6 +31,23 @@ from binarize.models import create_model
 from binarize.nn import LayerOptions
 from binarize.recipes import Recipe, load_recipe
 
+
+def export(model_or_file, path, format: str = "packed", **options):
+    """Exports a binary model for deployment: a packed 1-bit file, ONNX or QONNX.
+
+    See :func:`binarize.deploy.export` (imported on first use, so that ``import binarize`` stays lean)
+    for the arguments; ``binarize.load`` opens the packed file it writes.
+
+    Example::
+
+        >>> binarize.export("runs/r20/best.safetensors", "r20.packed.safetensors")
+        >>> packed = binarize.load("r20.packed.safetensors")   # inference only, native 1-bit kernels
+    """
+    from binarize.deploy import export as export_model
+
+    return export_model(model_or_file, path, format, **options)
+
+
 __all__ = [
     "__version__",
     "BinarizeError",
@@ -49,6 +66,7 @@ __all__ = [
     "diagnose",
     "evaluate",
     "evaluate_file",
+    "export",
     "finetune",
     "inspect",
     "load",

@@ -49,6 +49,7 @@ __all__ = [
     "atomic_write",
     "check_output_path",
     "load",
+    "read_document",
     "read_header",
     "read_metadata",
     "run_record",
@@ -57,6 +58,8 @@ __all__ = [
 
 FORMAT_VERSION = 2
 _KEY = "binarize"
+PACKED_FORMAT = "binarize-packed"
+"""The ``format`` of a packed deployment file (:mod:`binarize.deploy`); :func:`load` opens both kinds."""
 RUN_ATTR = "binarize_run"
 
 
@@ -212,8 +215,13 @@ def save(
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={_KEY: json.dumps(document)}), force=force)
 
 
-def read_metadata(path: str | Path) -> dict[str, Any]:
-    """The JSON metadata of a binarize file as stored, checked for format and version."""
+def read_document(path: str | Path) -> dict[str, Any]:
+    """The JSON metadata of a binarize file of either kind (training ``binarize`` or ``binarize-packed``).
+
+    Raises:
+        FileFormatError: The path is a directory or no file, not safetensors (or truncated), or not a
+            binarize model.
+    """
     path = Path(path)
     if path.is_dir():
         raise FileFormatError(
@@ -226,15 +234,25 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}
     except Exception as err:
-        raise FileFormatError(f"{path} is not a safetensors file ({type(err).__name__})") from err
+        raise FileFormatError(f"{path} is not a safetensors file or is truncated ({type(err).__name__})") from err
     if _KEY not in header:
         raise FileFormatError(f"{path} is a safetensors file but not a binarize model (no '{_KEY}' metadata)")
     try:
         document = json.loads(header[_KEY])
     except json.JSONDecodeError as err:
         raise FileFormatError(f"{path}: corrupt binarize metadata ({err.msg})") from err
-    version = document.get("format_version") if isinstance(document, dict) else None
-    if not isinstance(document, dict) or document.get("format") != _KEY or not isinstance(version, int):
+    if not isinstance(document, dict) or document.get("format") not in (_KEY, PACKED_FORMAT):
+        raise FileFormatError(f"{path}: corrupt binarize metadata (no known format)")
+    return document
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The JSON metadata of a binarize training file as stored, checked for format and version."""
+    document = read_document(path)
+    version = document.get("format_version")
+    if document["format"] == PACKED_FORMAT:
+        raise FileFormatError(f"{path} is a packed file (binarize export); binarize.load opens it")
+    if not isinstance(version, int):
         raise FileFormatError(f"{path}: corrupt binarize metadata (no format version)")
     if version > FORMAT_VERSION:
         raise FileFormatError(
@@ -293,8 +311,13 @@ def load(path: str | Path, model: nn.Module | None = None, *, device: str | torc
 
     Returns:
         The converted model with the saved weights, in eval mode; :func:`run_record` gives the file's
-        run facts.
+        run facts. A packed file (``binarize export``) gives the inference-only packed model
+        (:func:`binarize.deploy.load_packed`).
     """
+    if read_document(path)["format"] == PACKED_FORMAT:
+        from binarize.deploy import load_packed
+
+        return load_packed(path, model, device=device)
     header = read_header(path)
     source = header.source
     if model is None:

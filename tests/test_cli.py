@@ -124,7 +124,11 @@ def test_output_file_is_read_by_inspect(workdir):
     written = json.loads(result.stdout)
     inspected = run("inspect", "out/r20.safetensors", "--format", "json")
     assert inspected.exit_code == 0, inspected.stderr
-    assert json.loads(inspected.stdout) == written
+    report = json.loads(inspected.stdout)
+    on_disk = report.pop("file")
+    assert report == written
+    assert on_disk == {"path": "out/r20.safetensors", "bytes": (workdir / "out/r20.safetensors").stat().st_size,
+                       "format": "binarize"}  # fmt: skip
     table = run("inspect", "out/r20.safetensors")
     assert table.exit_code == 0 and "r20.safetensors: summary" in table.stdout
 

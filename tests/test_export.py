@@ -19,19 +19,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-import typer
 from safetensors.torch import save_file
 from torch import nn
 from typer.testing import CliRunner
 
 import binarize
-import binarize.export as bx
+import binarize.deploy as bx
 import binarize.zoo  # noqa: F401 - registers the CIFAR models in timm
-from binarize.cli.bench import bench_command
-from binarize.cli.export import export_command
+from binarize.cli.main import app
+from binarize.deploy import layer as packed_layer
+from binarize.deploy.record import ExportError
 from binarize.errors import BinarizeError, FileFormatError, TrainingError
-from binarize.export import layer as packed_layer
-from binarize.export.record import ExportError
 from binarize.nn import LayerOptions, ReCUConv2d
 
 
@@ -558,7 +556,7 @@ def test_export_checks_its_arguments(r20, tmp_path):
         bx.export(binary, tmp_path / "x.safetensors", float_dtype="bf16")
     with pytest.raises(BinarizeError, match="applies to packed files"):
         bx.export(binary, tmp_path / "x.onnx", "onnx", float_dtype="fp16")
-    out = bx(binary, tmp_path / "x.safetensors")  # the package is callable: binarize.export(...)
+    out = binarize.export(binary, tmp_path / "x.safetensors")  # the public entry
     with pytest.raises(BinarizeError, match="already exists"):
         bx.export(binary, out)
     assert bx.export(bx.load_packed(out), out, force=True) == out  # a packed model exports again
@@ -690,15 +688,8 @@ def test_qonnx_export_runs_in_qonnx_executor_with_the_same_predictions(tmp_path)
 # bench and the commands
 
 
-def _app() -> typer.Typer:
-    app = typer.Typer()
-    app.command("export")(export_command)
-    app.command("bench")(bench_command)
-    return app
-
-
 def run(*args) -> object:
-    return CliRunner().invoke(_app(), [str(a) for a in args])
+    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 def assert_one_line_error(result, *fragments: str) -> str:
@@ -764,3 +755,49 @@ def test_no_temporary_files_are_left(r20, tmp_path):
     _, path = r20
     bx.export(path, tmp_path / "p.safetensors")
     assert sorted(os.listdir(tmp_path)) == ["p.safetensors"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# binarize.load, inspect and eval take packed files
+
+
+def test_load_opens_packed_files(r20, tmp_path):
+    binary, path = r20
+    out = binarize.export(path, tmp_path / "p.safetensors")
+    packed = binarize.load(out)
+    assert any(packed_layer.is_packed_layer(m) for m in packed.modules())
+    assert not any(isinstance(m, ReCUConv2d) for m in packed.modules())
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(packed(x), bx.load_packed(out)(x))
+    with pytest.raises(BinarizeError, match="inference"):
+        packed.train()
+
+
+def test_inspect_shows_the_packed_layers_and_the_size_on_disk(r20, tmp_path):
+    _, path = r20
+    out = binarize.export(path, tmp_path / "p.safetensors")
+    result = run("inspect", out, "--format", "json")
+    assert result.exit_code == 0, result.output
+    packed, source = json.loads(result.stdout), json.loads(run("inspect", path, "--format", "json").stdout)
+    assert [(e["name"], e["decision"], e["shape"], e["macs"]) for e in packed["layers"]] == [
+        (e["name"], e["decision"], e["shape"], e["macs"]) for e in source["layers"]
+    ]
+    assert packed["summary"]["binary_convs"] == source["summary"]["binary_convs"] == 18
+    assert packed["file"] == {"path": str(out), "bytes": out.stat().st_size, "format": "binarize-packed"}
+    assert packed["file"]["bytes"] < 0.1 * source["file"]["bytes"]
+    table = run("inspect", out)
+    assert table.exit_code == 0 and "file on disk (binarize-packed)" in table.stdout
+
+
+def test_eval_of_a_packed_file_gives_the_top1_of_its_source(tiny_data, net_spec, tmp_path):
+    float_model = binarize.create_model(net_spec)
+    binary = binarize.convert(float_model, example_inputs=torch.zeros(1, 3, 16, 16))
+    binarize.recalibrate_bn(binary, [torch.randn(8, 3, 16, 16) for _ in range(2)])
+    source = binarize.save(binary, tmp_path / "m.safetensors")
+    packed = binarize.export(source, tmp_path / "m.packed.safetensors")
+    metrics = [binarize.evaluate_file(f, tiny_data, workers=0) for f in (source, packed)]
+    assert metrics[0]["images"] == metrics[1]["images"] == 18
+    assert metrics[0]["top1"] == metrics[1]["top1"] and metrics[0]["top5"] == metrics[1]["top5"]
+    result = run("eval", packed, "--data", tiny_data, "--workers", "0", "--format", "json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["top1"] == metrics[1]["top1"]

@@ -24,8 +24,10 @@ def _count(n: float) -> str:
     return f"{n:.0f}"
 
 
-def render_report(report: binarize.Report, console, title: str = "binarize") -> None:
-    """Prints the layer table and the summary."""
+def render_report(
+    report: binarize.Report, console, title: str = "binarize", extra_rows: tuple[tuple[str, str], ...] = ()
+) -> None:
+    """Prints the layer table and the summary (with ``extra_rows`` at its end)."""
     layers = Table(title=f"{title}: layers", header_style="bold")
     for column in ("layer", "op", "weight shape", "decision", "reason", "MACs"):
         layers.add_column(column, justify="right" if column == "MACs" else "left", overflow="fold")
@@ -52,6 +54,7 @@ def render_report(report: binarize.Report, console, title: str = "binarize") -> 
         rows.append(("trace error", s["trace_error"]))
     for warning in s.get("warnings", ()):
         rows.append(("warning", warning))
+    rows.extend(extra_rows)
     for row in rows:
         summary.add_row(*row)
     console.print(summary)

@@ -29,9 +29,9 @@ def bench_command(
     Rounds interleave the variants; the table shows the median time per forward, the fastest and slowest
     round, and the ratio against the float model.
     """
-    import binarize.export
+    import binarize.deploy
 
-    result = binarize.export.bench(
+    result = binarize.deploy.bench(
         file, threads=threads, batch=batch, input_size=parse_input_size(input_size), rounds=rounds, onnx=onnx
     )
     if output_format is OutputFormat.json:

@@ -8,19 +8,19 @@ from typing import Annotated
 
 import typer
 
+import binarize
 from binarize.cli._common import errors_as_one_line
 from binarize.cli._common import stderr as err_console
 
-__all__ = ["export_command"]
+__all__ = ["EXAMPLES", "export_command"]
 
-EXAMPLES = """
-Examples:
+EXAMPLES = """Examples:
 
-  binarize export runs/r20/best.safetensors -o r20.packed.safetensors
+binarize export runs/r20/best.safetensors -o r20.packed.safetensors
 
-  binarize export resnet18-binary.safetensors -o resnet18.packed.safetensors --float-dtype fp16
+binarize export resnet18-binary.safetensors -o resnet18.packed.safetensors --float-dtype fp16
 
-  binarize export runs/r20/best.safetensors -o r20.onnx --format onnx
+binarize export runs/r20/best.safetensors -o r20.onnx --format onnx
 """
 
 
@@ -52,13 +52,8 @@ def export_command(
     force: Annotated[bool, typer.Option(help="Overwrite an existing output file.")] = False,
 ) -> None:
     """Export a binary model for deployment: packed 1-bit weights, ONNX or QONNX."""
-    import binarize.export
-
-    written = binarize.export.export(file, output, export_format.value, float_dtype=float_dtype.value, force=force)
+    written = binarize.export(file, output, export_format.value, float_dtype=float_dtype.value, force=force)
     err_console.print(
         f"wrote {written} ({_size(written.stat().st_size)}; {file.name} is {_size(file.stat().st_size)})",
         highlight=False,
     )
-
-
-export_command.__doc__ += EXAMPLES

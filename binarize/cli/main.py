@@ -17,11 +17,14 @@ from rich.markup import escape
 from typer.core import TyperGroup
 
 import binarize
+from binarize.cli.bench import bench_command
 from binarize.cli.convert import EXAMPLES as CONVERT_EXAMPLES
 from binarize.cli.convert import convert_command
 from binarize.cli.demo import demo_command
 from binarize.cli.diagnose import diagnose_command
 from binarize.cli.eval import eval_command
+from binarize.cli.export import EXAMPLES as EXPORT_EXAMPLES
+from binarize.cli.export import export_command
 from binarize.cli.finetune import EXAMPLES as FINETUNE_EXAMPLES
 from binarize.cli.finetune import finetune_command
 from binarize.cli.inspect import inspect_command
@@ -104,6 +107,8 @@ app.command("eval")(eval_command)
 app.command("inspect")(inspect_command)
 app.add_typer(recipes_app, name="recipes")
 app.command("diagnose")(diagnose_command)
+app.command("export", epilog=escape(EXPORT_EXAMPLES))(export_command)
+app.command("bench")(bench_command)
 app.command("demo")(demo_command)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,7 +26,7 @@ from torch import nn
 
 from binarize._utils import default_example_inputs, unwrap
 from binarize.conversion.inputs import run_checked
-from binarize.conversion.layers import layer_modules
+from binarize.conversion.layers import is_layer_module
 from binarize.conversion.record import binarize_meta
 from binarize.nn import ReCUConv2d
 
@@ -121,6 +122,28 @@ class Report:
         return {"layers": [dataclasses.asdict(e) for e in self.layers], "summary": self.summary.to_dict()}
 
 
+def _packed_type() -> type | None:
+    """:class:`binarize.nn.PackedBinaryConv2d` when its module is loaded (a model can only hold one then),
+    else None: reading a report never loads the runtime."""
+    return getattr(sys.modules.get("binarize.nn.packed"), "PackedBinaryConv2d", None)
+
+
+def _is_packed(module: nn.Module) -> bool:
+    packed = _packed_type()
+    return packed is not None and isinstance(module, packed)
+
+
+def _report_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The layers the report lists: convs of any kind, linear layers and packed binary convs."""
+    return [(name, m) for name, m in model.named_modules() if is_layer_module(m) or _is_packed(m)]
+
+
+def _weight_shape(module: nn.Module) -> list[int]:
+    if _is_packed(module):  # the logical shape of its bit-packed weights
+        return [module.out_channels, module.in_channels // module.groups, *module.kernel_size]
+    return list(module.weight.shape)
+
+
 def _macs_per_image(module: nn.Module, args: tuple, out: Any) -> int:
     """Multiply-accumulates of one call of a conv or linear layer, per image of the batch."""
     if not isinstance(out, torch.Tensor):
@@ -130,7 +153,7 @@ def _macs_per_image(module: nn.Module, args: tuple, out: Any) -> int:
         per_image = x[0].numel() if x is not None and x.dim() > len(module.kernel_size) + 1 else 0
         return per_image * (module.out_channels // module.groups) * math.prod(module.kernel_size)
     per_image = out[0].numel() if out.dim() > 1 else out.numel()
-    if isinstance(module, nn.modules.conv._ConvNd):
+    if isinstance(module, nn.modules.conv._ConvNd) or _is_packed(module):
         return per_image * (module.in_channels // module.groups) * math.prod(module.kernel_size)
     return per_image * module.in_features
 
@@ -141,7 +164,7 @@ def _count_macs(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> dic
     def count(name: str, module: nn.Module, args: tuple, out: Any) -> None:
         macs[name] = macs.get(name, 0) + _macs_per_image(module, args, out)
 
-    run_checked(model, example_inputs, layer_modules(model), count)
+    run_checked(model, example_inputs, _report_modules(model), count)
     return macs
 
 
@@ -154,7 +177,8 @@ def _tensor_bytes(model: nn.Module) -> tuple[int, int, int]:
         if name in saved and buf.is_floating_point() and not name.endswith(".tau") and name != "tau":
             state += buf.numel()
     binary_weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, ReCUConv2d) and m.binarize_weights)
-    return params, 4 * state, 4 * binary_weights
+    packed_weights = sum(math.prod(_weight_shape(m)) for m in model.modules() if _is_packed(m))
+    return params, 4 * (state + packed_weights), 4 * (binary_weights + packed_weights)
 
 
 def inspect(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None) -> Report:
@@ -186,19 +210,19 @@ def inspect(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tens
     macs = _count_macs(model, example_inputs)
     recorded = record.layers if record else {}
     layers, linears = [], 0
-    for name, module in layer_modules(model):
+    for name, module in _report_modules(model):
         linears += isinstance(module, nn.Linear)  # by type: Linear subclasses have other class names
-        binary = isinstance(module, ReCUConv2d)
+        binary = isinstance(module, ReCUConv2d) or _is_packed(module)
         reason = recorded[name].reason if name in recorded else ("binarized" if binary else "not converted")
         if name in recorded and recorded[name].guessed:
             reason += GUESSED
-        if binary and not module.binarize_weights:
+        if binary and not getattr(module, "binarize_weights", True):
             reason += " (activations only)"
         layers.append(
             LayerEntry(
                 name=name,
                 op=type(module).__name__,
-                shape=list(module.weight.shape),
+                shape=_weight_shape(module),
                 decision="binary" if binary else "float",
                 reason=reason,
                 macs=int(macs.get(name, 0)),
@@ -209,7 +233,7 @@ def inspect(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tens
     params, fp32_bytes, binary_fp32 = _tensor_bytes(model)
     packed_binary = sum(
         (m.weight.numel() + 7) // 8 for m in model.modules() if isinstance(m, ReCUConv2d) and m.binarize_weights
-    )
+    ) + sum((math.prod(_weight_shape(m)) + 7) // 8 for m in model.modules() if _is_packed(m))
     summary = ReportSummary(
         binary_convs=sum(e.decision == "binary" for e in layers),
         float_convs=sum(e.decision == "float" for e in layers) - linears,

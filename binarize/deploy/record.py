@@ -1,4 +1,4 @@
-"""The packing record: what :func:`binarize.export.pack` did, stored in a packed file's metadata."""
+"""The packing record: what :func:`binarize.deploy.pack` did, stored in a packed file's metadata."""
 
 from __future__ import annotations
 

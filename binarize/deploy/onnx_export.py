@@ -35,10 +35,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from binarize._utils import default_example_inputs, replace_submodule, unwrap
+from binarize.deploy import layer as _layer
+from binarize.deploy.folding import _copy
+from binarize.deploy.record import packed_meta
 from binarize.errors import BinarizeError
-from binarize.export import layer as _layer
-from binarize.export.folding import _copy
-from binarize.export.record import packed_meta
 from binarize.files import atomic_write
 
 __all__ = ["IR_VERSION", "OPSET", "QONNX_DOMAIN", "OnnxBinaryConv2d", "export_onnx", "float_onnx", "onnx_module"]
@@ -320,7 +320,7 @@ def export_onnx(
     """Writes a packed model as ONNX (or QONNX), checked with ``onnx.checker``.
 
     Args:
-        packed: A model from :func:`binarize.export.pack` (or :func:`binarize.export.load_packed`).
+        packed: A model from :func:`binarize.deploy.pack` (or :func:`binarize.deploy.load_packed`).
         path: Destination ``.onnx`` file.
         qonnx: Write ``BipolarQuant`` nodes (QONNX) instead of packed weights (plain ONNX).
         example_inputs: One input tensor (or a one-tensor tuple) to trace with; by default zero images of the
@@ -341,7 +341,7 @@ def export_onnx(
         raise BinarizeError(f"{what}: pip install 'binarize[onnx]'") from err
     packed = unwrap(packed)
     if packed_meta(packed) is None:
-        raise BinarizeError("export_onnx() takes a model returned by binarize.export.pack()")
+        raise BinarizeError("export_onnx() takes a model returned by binarize.deploy.pack()")
     module, names = onnx_module(packed)
     if example_inputs is None:
         record = getattr(packed, "binarize_meta", None)

@@ -26,10 +26,10 @@ from torch import nn
 
 from binarize._utils import default_example_inputs
 from binarize.conversion.pipeline import convert
+from binarize.deploy import layer as _layer
+from binarize.deploy.folding import pack
+from binarize.deploy.packed_file import FORMAT, file_format, load_packed, read_packed_header
 from binarize.errors import BinarizeError
-from binarize.export import layer as _layer
-from binarize.export.folding import pack
-from binarize.export.packed_file import FORMAT, file_format, load_packed, read_packed_header
 from binarize.models import create_model
 
 __all__ = ["BenchResult", "BenchRow", "bench", "machine_line", "time_interleaved"]
@@ -188,13 +188,13 @@ def _packed_call(model: nn.Module, x: torch.Tensor, kernel: str) -> Callable[[],
 def _onnx_session(model: nn.Module, directory: str, name: str, threads: int, example: torch.Tensor, binary: bool):
     import onnxruntime
 
-    from binarize.export.onnx_export import export_onnx
+    from binarize.deploy.onnx_export import export_onnx
 
     path = Path(directory) / f"{name}.onnx"
     if binary:
         export_onnx(model, path, example_inputs=example)
     else:
-        from binarize.export.onnx_export import float_onnx
+        from binarize.deploy.onnx_export import float_onnx
 
         float_onnx(model, path, example)
     options = onnxruntime.SessionOptions()

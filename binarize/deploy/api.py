@@ -1,4 +1,4 @@
-"""``binarize.export.export``: one entry for the packed, ONNX and QONNX exports."""
+"""``binarize.deploy.export``: one entry for the packed, ONNX and QONNX exports."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from pathlib import Path
 from torch import Tensor, nn
 
 from binarize._utils import nearest, unwrap
+from binarize.deploy.folding import pack
+from binarize.deploy.onnx_export import export_onnx
+from binarize.deploy.packed_file import FLOAT_DTYPES, FORMAT, file_format, load_packed, save_packed
+from binarize.deploy.record import packed_meta
 from binarize.errors import BinarizeError
-from binarize.export.folding import pack
-from binarize.export.onnx_export import export_onnx
-from binarize.export.packed_file import FLOAT_DTYPES, FORMAT, file_format, load_packed, save_packed
-from binarize.export.record import packed_meta
 from binarize.files import check_output_path
 
 __all__ = ["FORMATS", "export", "packed_model"]
@@ -66,8 +66,8 @@ def export(
 
     Example::
 
-        >>> binarize.export.export("resnet20-binary.safetensors", "resnet20.packed.safetensors")
-        >>> model = binarize.export.load_packed("resnet20.packed.safetensors")
+        >>> binarize.deploy.export("resnet20-binary.safetensors", "resnet20.packed.safetensors")
+        >>> model = binarize.deploy.load_packed("resnet20.packed.safetensors")
     """
     if format not in FORMATS:
         hint = nearest(str(format), FORMATS)

@@ -9,20 +9,15 @@
 Flow, file layout and figures: docs/export.md. Importing this package imports neither onnx nor the
 native kernel; the ONNX exports import ``onnx`` (and ``qonnx``) when called.
 
-The package is also callable, ``binarize.export(model, path, ...)`` being :func:`export`, so that the
-name can serve both as the function and as this namespace.
+``binarize.export(...)`` is :func:`export`; ``binarize.load`` opens packed files too.
 """
 
 from __future__ import annotations
 
-import sys
-import types
-
-from binarize.export.api import FORMATS, export, packed_model
-from binarize.export.folding import pack
-from binarize.export.layer import NATIVE_RUNTIME
-from binarize.export.onnx_export import export_onnx
-from binarize.export.packed_file import (
+from binarize.deploy.api import FORMATS, export, packed_model
+from binarize.deploy.folding import pack
+from binarize.deploy.onnx_export import export_onnx
+from binarize.deploy.packed_file import (
     FORMAT,
     FORMAT_VERSION,
     PackedFileHeader,
@@ -31,14 +26,13 @@ from binarize.export.packed_file import (
     read_packed_header,
     save_packed,
 )
-from binarize.export.record import ExportError, PackedLayerRecord, PackedRecord, packed_meta
-from binarize.export.timing import BenchResult, BenchRow, bench, machine_line
+from binarize.deploy.record import ExportError, PackedLayerRecord, PackedRecord, packed_meta
+from binarize.deploy.timing import BenchResult, BenchRow, bench, machine_line
 
 __all__ = [
     "FORMAT",
     "FORMATS",
     "FORMAT_VERSION",
-    "NATIVE_RUNTIME",
     "BenchResult",
     "BenchRow",
     "ExportError",
@@ -57,13 +51,3 @@ __all__ = [
     "read_packed_header",
     "save_packed",
 ]
-
-
-class _CallableModule(types.ModuleType):
-    """This package's module type: calling it calls :func:`export`."""
-
-    def __call__(self, *args, **kwargs):
-        return export(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

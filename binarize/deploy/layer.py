@@ -1,17 +1,8 @@
-"""The one module of the export that touches the deployable layer and the runtime.
+"""The one module of the deployment code that touches the deployable layer and the runtime.
 
-Everything the export needs from :class:`binarize.nn.PackedBinaryConv2d` and :mod:`binarize.runtime` goes
-through the functions below. While the native runtime is not part of this build (``binarize.nn.packed``
-absent) they use the pure-torch stand-in of :mod:`binarize.export._standin`, which has the same
-constructor, state and forward semantics; ``NATIVE_RUNTIME`` says which one is in use.
-
-Interface assumed of the real layer: ``PackedBinaryConv2d(in_channels, out_channels, kernel_size, stride,
-padding, dilation, groups, padding_mode, activation_bias: bool)`` builds an empty shell;
-``PackedBinaryConv2d.from_recu(conv, bn=None)`` folds ``alpha``, the conv bias and ``bn`` (float64) into
-float32 ``mul``/``add``; its state is ``weight_bits`` (uint8 ``[O, kh, kw, Cbytes]``, OHWI, bits along the
-group's input channels, LSB first, bit 1 = -1, ``Cbytes = 8 * ceil(Cin_per_group / 64)``, padding bits 0),
-``mul``, ``add`` (float32 ``[O]``) and ``activation_bias`` (float32 ``[Cin]`` or None); its attribute
-``kernel`` (None or a name from ``kernel_info()["available"]``) forces a kernel for its eager calls.
+Everything the export needs from :class:`binarize.nn.PackedBinaryConv2d` (its shell constructor,
+``from_recu``, its state ``weight_bits``/``mul``/``add``/``activation_bias`` and its ``kernel`` attribute) and
+from :mod:`binarize.runtime` goes through the functions below.
 """
 
 from __future__ import annotations
@@ -21,19 +12,10 @@ from collections.abc import Iterator
 from torch import Tensor, nn
 
 from binarize.nn.conv import ReCUConv2d
-
-try:
-    from binarize.nn.packed import PackedBinaryConv2d
-    from binarize.runtime import kernel_info, pack_signs, packed_bytes, unpack_signs
-
-    NATIVE_RUNTIME = True
-except ImportError:  # the native runtime is not merged into this build yet
-    from binarize.export._standin import PackedBinaryConv2d, kernel_info, pack_signs, packed_bytes, unpack_signs
-
-    NATIVE_RUNTIME = False
+from binarize.nn.packed import PackedBinaryConv2d
+from binarize.runtime import kernel_info, pack_signs, packed_bytes, unpack_signs
 
 __all__ = [
-    "NATIVE_RUNTIME",
     "PackedBinaryConv2d",
     "available_kernels",
     "empty_layer",

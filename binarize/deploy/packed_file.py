@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -34,11 +33,11 @@ from binarize._utils import default_example_inputs, unwrap
 from binarize._version import __version__
 from binarize.conversion.pipeline import convert
 from binarize.conversion.record import RECORD_ATTR, ConversionRecord, binarize_meta
+from binarize.deploy import layer as _layer
+from binarize.deploy.folding import _RUN_ATTR, build_shell, channels_last_float_convs, make_inference_only
+from binarize.deploy.record import PACKED_ATTR, PackedRecord, packed_meta
 from binarize.errors import BinarizeError, FileFormatError, WeightsError
-from binarize.export import layer as _layer
-from binarize.export.folding import _RUN_ATTR, build_shell, channels_last_float_convs, make_inference_only
-from binarize.export.record import PACKED_ATTR, PackedRecord, packed_meta
-from binarize.files import RunRecord, atomic_write
+from binarize.files import PACKED_FORMAT, RunRecord, atomic_write, read_document
 from binarize.models import SOURCE_ATTR, create_model
 from binarize.weights import load_weights
 
@@ -53,11 +52,10 @@ __all__ = [
     "save_packed",
 ]
 
-FORMAT = "binarize-packed"
+FORMAT = PACKED_FORMAT
 FORMAT_VERSION = 1
 FLOAT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 _KEY = "binarize"  # the metadata key, shared with the training format (binarize.files)
-_TRAINING_FORMAT = "binarize"
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 
@@ -82,35 +80,13 @@ class PackedFileHeader:
     run: RunRecord
 
 
-def _document(path: Path) -> dict[str, Any]:
-    """The JSON metadata of a binarize file of either format, checked to be one."""
-    if path.is_dir():
-        raise FileFormatError(f"{path} is a directory, not a model file; give a .safetensors file")
-    if not path.is_file():
-        raise FileFormatError(f"no such file: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
-    except Exception as err:
-        raise FileFormatError(f"{path} is not a safetensors file or is truncated ({type(err).__name__})") from err
-    if _KEY not in header:
-        raise FileFormatError(f"{path} is a safetensors file but not a binarize model (no '{_KEY}' metadata)")
-    try:
-        document = json.loads(header[_KEY])
-    except json.JSONDecodeError as err:
-        raise FileFormatError(f"{path}: corrupt binarize metadata ({err.msg})") from err
-    if not isinstance(document, dict) or document.get("format") not in (_TRAINING_FORMAT, FORMAT):
-        raise FileFormatError(f"{path}: corrupt binarize metadata (no known format)")
-    return document
-
-
 def file_format(path: str | Path) -> str:
     """The format of a binarize file: ``"binarize"`` (a training file) or ``"binarize-packed"``.
 
     Raises:
         FileFormatError: The path is no file, not safetensors, truncated, or not a binarize model.
     """
-    return _document(Path(path))["format"]
+    return read_document(path)["format"]
 
 
 def read_packed_header(path: str | Path) -> PackedFileHeader:
@@ -120,7 +96,7 @@ def read_packed_header(path: str | Path) -> PackedFileHeader:
         FileFormatError: Not a packed file, a newer format version, or corrupt metadata.
     """
     path = Path(path)
-    document = _document(path)
+    document = read_document(path)
     if document["format"] != FORMAT:
         raise FileFormatError(f"{path} is a binarize training file, not a packed one: load it with binarize.load")
     version = document.get("format_version")
@@ -160,7 +136,7 @@ def _file_tensors(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tenso
 
 
 def save_packed(model: nn.Module, path: str | Path, *, float_dtype: str = "fp32", force: bool = False) -> Path:
-    """Writes a packed model (from :func:`binarize.export.pack`) as a packed file, atomically.
+    """Writes a packed model (from :func:`binarize.deploy.pack`) as a packed file, atomically.
 
     Args:
         model: The packed model.
@@ -174,7 +150,7 @@ def save_packed(model: nn.Module, path: str | Path, *, float_dtype: str = "fp32"
     model = unwrap(model)
     record, conversion = packed_meta(model), binarize_meta(model)
     if record is None or conversion is None:
-        raise BinarizeError("save_packed() takes a model returned by binarize.export.pack()")
+        raise BinarizeError("save_packed() takes a model returned by binarize.deploy.pack()")
     if float_dtype not in FLOAT_DTYPES:
         raise BinarizeError(f"float_dtype must be one of {', '.join(FLOAT_DTYPES)}, got {float_dtype!r}")
     record = record.replace(float_dtype=float_dtype)
@@ -214,7 +190,7 @@ def load_packed(path: str | Path, model: nn.Module | None = None, *, device: str
 
     Returns:
         The packed model in eval mode, without gradients; ``.train()`` raises a one-line error.
-        :func:`~binarize.export.record.packed_meta` and :func:`binarize.binarize_meta` give its records,
+        :func:`~binarize.deploy.record.packed_meta` and :func:`binarize.binarize_meta` give its records,
         ``binarize.run_record`` its run facts.
 
     Raises:
@@ -227,7 +203,7 @@ def load_packed(path: str | Path, model: nn.Module | None = None, *, device: str
         if not source:
             raise FileFormatError(
                 f"{path} was exported from a model built by your code; pass it: "
-                "binarize.export.load_packed(path, model=float_model)"
+                "binarize.deploy.load_packed(path, model=float_model)"
             )
         model = create_model(source["spec"], num_classes=source.get("num_classes"))
     conversion = header.conversion

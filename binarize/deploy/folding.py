@@ -25,9 +25,9 @@ from torch import fx, nn
 
 from binarize._utils import replace_submodule, unwrap
 from binarize.conversion.record import RECORD_ATTR, binarize_meta
+from binarize.deploy import layer as _layer
+from binarize.deploy.record import PACKED_ATTR, ExportError, PackedLayerRecord, PackedRecord
 from binarize.errors import BinarizeError, TrainingError
-from binarize.export import layer as _layer
-from binarize.export.record import PACKED_ATTR, ExportError, PackedLayerRecord, PackedRecord
 from binarize.files import RUN_ATTR as _RUN_ATTR
 from binarize.models import SOURCE_ATTR
 from binarize.nn.conv import ReCUConv2d
@@ -230,7 +230,7 @@ def pack(model: nn.Module, *, fold_float_bn: bool = True) -> nn.Module:
 
     Each binary conv becomes ``PackedBinaryConv2d.from_recu(conv, bn)`` with its BatchNorm folded where
     the graph allows it (see the module docstring); float layers stay float (float32). The result is in
-    eval mode, holds no gradients and refuses ``.train()``; :func:`~binarize.export.record.packed_meta`
+    eval mode, holds no gradients and refuses ``.train()``; :func:`~binarize.deploy.record.packed_meta`
     gives its packing record.
 
     Args:
