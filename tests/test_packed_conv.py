@@ -585,3 +585,19 @@ def test_avx512_kernels_emulated_with_simde(fresh_state, monkeypatch, tmp_path):
         layer.kernel = kernel
         outputs.append(layer(x))
     assert all(_bitwise_equal(out, outputs[-1]) for out in outputs)
+
+
+def test_first_use_inside_inference_mode():
+    """The kernel's first use (its self-test included) may happen under torch.inference_mode, whose
+    tensors have no version counter for the weight caches."""
+    code = (
+        "import torch\n"
+        "from binarize.nn import PackedBinaryConv2d, ReCUConv2d\n"
+        "conv = ReCUConv2d.from_float(torch.nn.Conv2d(70, 8, 3, padding=1)).eval()\n"
+        "with torch.inference_mode():\n"
+        "    layer = PackedBinaryConv2d.from_recu(conv)\n"
+        "    y, z = layer(torch.randn(2, 70, 9, 9)), layer(torch.randn(1, 70, 5, 5))\n"
+        "assert y.shape == (2, 8, 9, 9) and z.shape == (1, 8, 5, 5)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr

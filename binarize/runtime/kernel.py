@@ -469,24 +469,31 @@ def _derived_cache(weight_bits: Tensor) -> dict:
     return cache
 
 
-def _unpacked_weights(weight_bits: Tensor, in_channels: int, device: torch.device) -> Tensor:
+def _cached(weight_bits: Tensor, key: tuple, build) -> Tensor:
+    """``build()``, cached per ``weight_bits`` tensor until it changes (its version counter). Inference
+    tensors (made under ``torch.inference_mode``) have no version counter: theirs is built every call."""
+    if weight_bits.is_inference():
+        return build()
     cache = _derived_cache(weight_bits)
-    key = ("unpacked", in_channels, str(device))
     hit = cache.get(key)
     if hit is not None and hit[0] == weight_bits._version:
         return hit[1]
-    weight = unpack_signs(weight_bits, in_channels).to(device)
-    cache[key] = (weight_bits._version, weight)
-    return weight
+    value = build()
+    cache[key] = (weight_bits._version, value)
+    return value
+
+
+def _unpacked_weights(weight_bits: Tensor, in_channels: int, device: torch.device) -> Tensor:
+    key = ("unpacked", in_channels, str(device))
+    return _cached(weight_bits, key, lambda: unpack_signs(weight_bits, in_channels).to(device))
 
 
 def _prepared_weights(library: _Library, name: str, weight_bits: Tensor, in_channels: int) -> Tensor:
     """The weights repacked for one native kernel (``bconv_prepare``), cached until ``weight_bits`` changes."""
-    cache = _derived_cache(weight_bits)
-    key = (name, in_channels)
-    hit = cache.get(key)
-    if hit is not None and hit[0] == weight_bits._version:
-        return hit[1]
+    return _cached(weight_bits, (name, in_channels), lambda: _prepare(library, name, weight_bits, in_channels))
+
+
+def _prepare(library: _Library, name: str, weight_bits: Tensor, in_channels: int) -> Tensor:
     o, kh, kw, _ = weight_bits.shape
     path = _PATH_ID[name]
     size = library.lib.bconv_prepared_size(path, o, kh, kw, in_channels)
@@ -497,7 +504,6 @@ def _prepared_weights(library: _Library, name: str, weight_bits: Tensor, in_chan
     rc = library.lib.bconv_prepare(path, bits.data_ptr(), o, kh, kw, in_channels, prepared.data_ptr(), size)
     if rc != 0:
         raise RuntimeError(f"bconv_prepare failed: {_ERRORS.get(rc, rc)}")
-    cache[key] = (weight_bits._version, prepared)
     return prepared
 
 
