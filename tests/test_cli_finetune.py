@@ -539,8 +539,8 @@ def test_demo_command():
     result = invoke("demo")
     assert result.exit_code == 0, result.output
     text = result.stdout
-    for label in ("float CNN", "right after conversion", "after 8 epochs of fine-tuning", "fp32", "packed"):
+    for label in ("float CNN", "right after conversion", "after 8 epochs of fine-tuning", "fp32", "packed file"):
         assert label in text
-    float_top1, converted, finetuned = (float(v) for v in re.findall(r"(\d+\.\d)%", text)[:3])
-    assert float_top1 > 90 and finetuned > converted + 30
-    assert re.search(r"size: [\d.]+ KiB fp32 -> [\d.]+ KiB packed \([\d.]+x smaller\)", text)
+    float_top1, converted, finetuned, packed = (float(v) for v in re.findall(r"(\d+\.\d)%", text)[:4])
+    assert float_top1 > 90 and finetuned > converted + 30 and packed == finetuned
+    assert re.search(r"size on disk: [\d.]+ KiB float -> [\d.]+ KiB packed \([\d.]+x smaller\); latency", text)

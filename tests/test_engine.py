@@ -660,6 +660,8 @@ def test_run_demo_fine_tuning_improves_on_the_converted_model():
     assert result.float_top1 > 80
     assert result.converted_top1 < result.float_top1
     assert result.finetuned_top1 > result.converted_top1 + 10
+    assert result.packed_top1 == result.finetuned_top1  # the packed file, loaded back, predicts the same
+    assert result.float_ms > 0 and result.packed_ms > 0 and result.kernel in binarize.nn.kernel_info()["available"]
     assert result.seconds > 0
 
 
