@@ -539,7 +539,7 @@ def test_demo_command():
     result = invoke("demo")
     assert result.exit_code == 0, result.output
     text = result.stdout
-    for label in ("float CNN", "right after conversion", "after 8 epochs of fine-tuning", "fp32", "packed file"):
+    for label in ("float CNN", "binary, converted", "fine-tuned 8 epochs", "fp32", "packed file", "1-bit"):
         assert label in text
     float_top1, converted, finetuned, packed = (float(v) for v in re.findall(r"(\d+\.\d)%", text)[:4])
     assert float_top1 > 90 and finetuned > converted + 30 and packed == finetuned

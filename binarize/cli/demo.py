@@ -44,17 +44,15 @@ def demo_command(
     console.print("Training a float CNN on scikit-learn's handwritten digits (1,797 images, 8x8)...")
     result = run_demo(seed=seed, binary_epochs=epochs, output_dir=output, reporter=binarize.engine.default_reporter())
     table = Table(title="binarize demo: digits, 1-bit weights and activations (ReCU)")
-    for column, justify in (("model", "left"), ("val top-1", "right"), ("file on disk", "right"), ("1 image", "right")):
+    for column, justify in (("model", "left"), ("val top-1", "right"), ("file on disk", "right"), ("latency", "right")):
         table.add_column(column, justify=justify)
     table.add_row(
         "float CNN", f"{result.float_top1:.1f}%", _size(result.fp32_bytes) + " (fp32)", f"{result.float_ms:.3f} ms"
     )
+    table.add_row(f"binary, converted ({result.binary_convs} convs)", f"{result.converted_top1:.1f}%", "", "")
+    table.add_row(f"binary, fine-tuned {epochs} epochs", f"{result.finetuned_top1:.1f}%", "", "")
     table.add_row(
-        f"binary, right after conversion ({result.binary_convs} binary convs)", f"{result.converted_top1:.1f}%", "", ""
-    )
-    table.add_row(f"binary, after {epochs} epochs of fine-tuning (simulated)", f"{result.finetuned_top1:.1f}%", "", "")
-    table.add_row(
-        f"binary, packed file loaded back (kernel {result.kernel})",
+        f"binary, packed file ({result.kernel})",
         f"{result.packed_top1:.1f}%",
         _size(result.packed_bytes) + " (1-bit)",
         f"{result.packed_ms:.3f} ms",
