@@ -6,7 +6,7 @@
 * :func:`load_packed` reads a packed file back; :func:`file_format` tells a training file from a packed one;
 * :func:`bench` times the float, simulated and packed models (and onnxruntime) on this CPU.
 
-Flow, file layout and figures: docs/export.md. Importing this package imports neither onnx nor the
+Flow, file layout and figures: docs/deploy.md. Importing this package imports neither onnx nor the
 native kernel; the ONNX exports import ``onnx`` (and ``qonnx``) when called.
 
 ``binarize.export(...)`` is :func:`export`; ``binarize.load`` opens packed files too.

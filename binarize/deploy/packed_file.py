@@ -5,7 +5,7 @@ The tensors are the packed model's state dict: per binary convolution ``<name>.w
 one); the float layers' parameters and buffers in float32, or in float16 with ``float_dtype="fp16"``
 (normalisation layers stay float32: they are tiny, and float16 would flush small variances). There are no
 latent float weights, no tau, nothing of training. The header's metadata holds, under the key
-``binarize``, a JSON document (docs/export.md)::
+``binarize``, a JSON document (docs/deploy.md)::
 
     {"format": "binarize-packed", "format_version": 1, "library_version": "0.1.0",
      "source": {"spec": "cifar_resnet20", "num_classes": 10},   # null for a model built by user code
