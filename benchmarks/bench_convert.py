@@ -26,7 +26,6 @@ import dataclasses
 import datetime
 import math
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -42,6 +41,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import binarize
 from binarize.nn import ReCUConv2d
 from binarize.nn.functional import EPS, WEIGHT_SCALE
+from binarize.runtime.machine import machine_line as runtime_machine_line
 
 DEFAULT_MODELS = (
     "resnet18",
@@ -65,24 +65,9 @@ NUM_CLASSES = 10
 
 
 def machine_line() -> str:
-    """CPU model, relevant SIMD flags, thread count and library versions, on one line."""
-    info: dict[str, str] = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                info.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
-    model = info.get("model name") or platform.processor() or "unknown CPU"
-    flags = set(info.get("flags", "").split())
-    wanted = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx512_vpopcntdq", "avx512_bf16", "amx_tile")
-    present = [f for f in wanted if f in flags]
-    absent = [f for f in wanted if f not in flags]
+    """The runtime's machine line, with torchvision, binarize, the date and the machine's load."""
     return (
-        f"machine: {model}; flags: {' '.join(present) or '-'} (no {' '.join(absent) or '-'}); "
-        f"torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}), torchvision "
-        f"{torchvision.__version__}, binarize {binarize.__version__}; threads {torch.get_num_threads()}; "
+        f"machine: {runtime_machine_line()}; torchvision {torchvision.__version__}, binarize {binarize.__version__}; "
         f"{datetime.date.today().isoformat()}; {load_line()}"
     )
 

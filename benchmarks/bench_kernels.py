@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -35,6 +34,7 @@ import torch.nn.functional as F
 
 from binarize.nn import PackedBinaryConv2d, kernel_info
 from binarize.runtime import pack_signs
+from binarize.runtime.machine import machine_line
 
 # name -> (batch, channels in, channels out, height = width)
 SHAPES = {
@@ -47,26 +47,6 @@ SHAPES = {
     "cifar32-16px-b64": (64, 32, 32, 16),
     "cifar64-8px-b64": (64, 64, 64, 8),
 }
-
-
-def machine_line() -> str:
-    """CPU model, the SIMD flags that matter here, torch version and threads, on one line."""
-    info: dict[str, str] = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                info.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
-    model = info.get("model name") or platform.processor() or "unknown CPU"
-    flags = set(info.get("flags", "").split())
-    wanted = ("popcnt", "avx2", "avx512f", "avx512bw", "avx512_vpopcntdq", "avx512_vnni", "amx_int8")
-    present = " ".join(f for f in wanted if f in flags) or "none of " + " ".join(wanted)
-    return (
-        f"{model} | flags: {present} | torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}) | "
-        f"threads {torch.get_num_threads()} | kernel {kernel_info()['active']}"
-    )
 
 
 def _time(fn: Callable[[], object], reps: int) -> float:

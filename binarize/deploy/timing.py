@@ -12,8 +12,6 @@ round's mean call time, the spread (fastest and slowest round), and the ratio of
 from __future__ import annotations
 
 import dataclasses
-import os
-import platform
 import statistics
 import tempfile
 import time
@@ -31,58 +29,9 @@ from binarize.deploy.folding import pack
 from binarize.deploy.packed_file import FORMAT, file_format, load_packed, read_packed_header
 from binarize.errors import BinarizeError
 from binarize.models import create_model
+from binarize.runtime.machine import machine_line
 
 __all__ = ["BenchResult", "BenchRow", "bench", "machine_line", "time_interleaved"]
-
-_ISA_FLAGS = (
-    "avx2",
-    "fma",
-    "avx512f",
-    "avx512bw",
-    "avx512_vnni",
-    "avx512_vpopcntdq",
-    "avx512_bitalg",
-    "amx_int8",
-    "asimd",
-    "sve",
-)
-
-
-def _cpu() -> tuple[str, list[str]]:
-    name, flags = "", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            key = key.strip()
-            if key == "model name" and not name:
-                name = value.strip()
-            elif key in ("flags", "Features") and not flags:
-                flags = set(value.split())
-    except OSError:
-        pass
-    return name or platform.processor() or platform.machine() or "unknown CPU", [f for f in _ISA_FLAGS if f in flags]
-
-
-def machine_line(threads: int | None = None) -> str:
-    """One line naming the CPU, its relevant instruction sets, torch, the threads and the packed kernel."""
-    name, isa = _cpu()
-    threads = threads if threads is not None else torch.get_num_threads()
-    info = _layer.kernel_info()
-    parts = [
-        name,
-        f"ISA {' '.join(isa) or 'none of ' + '/'.join(_ISA_FLAGS[:4])}",
-        f"{os.cpu_count()} CPUs",
-        f"torch {torch.__version__}",
-        f"{threads} thread{'s' if threads != 1 else ''}",
-        f"packed kernel {info['active']} (available: {', '.join(info['available'])})",
-    ]
-    try:
-        import onnxruntime
-
-        parts.append(f"onnxruntime {onnxruntime.__version__}")
-    except ImportError:
-        pass
-    return "; ".join(parts)
 
 
 @dataclasses.dataclass(frozen=True)
