@@ -4,8 +4,9 @@ A proxy for the ``imagenet-resnet18-posthoc`` recipe, which cannot be measured w
 torchvision ResNet-18 (ImageNet stem, 10 classes) is first trained in float on a seeded
 10,000-image CIFAR-10 subset at 32x32 (8 epochs, Adam 2e-3, everything kept float), then binarized
 post-hoc with the ``cifar10-resnet20-posthoc`` recipe's settings, without and with Bi-Real
-shortcuts (3 epochs each, distillation from the float model). Top-1 on the full test split after
-every epoch.
+shortcuts (3 epochs each, distillation from the float model), and with the calibrated activation
+thresholds of the CIFAR recipe (its block reconstruction does not apply: torchvision's BasicBlock
+calls one ``relu`` twice). Top-1 on the full test split after every epoch.
 
 Run: ``python benchmarks/torchvision_shortcuts.py --data <extracted CIFAR-10 folder>`` (about 17
 minutes on 2 CPU cores). Extract the folder with ``tests/_shared_data.py:extract_cifar10``.
@@ -24,9 +25,30 @@ from binarize.engine.progress import Reporter
 from binarize.recipes import load_recipe
 
 RECIPE = "cifar10-resnet20-posthoc"
+# The CIFAR recipe's settings before its recovery options: block reconstruction needs block-boundary
+# modules called once per forward, and torchvision's BasicBlock calls its one ``relu`` twice.
+BEFORE_RECOVERY = [
+    "block_reconstruction.fraction=0",
+    "layer.activation_bias=false",
+    "train.calibrate_thresholds=false",
+    "train.bn_refresh_batches=0",
+]
+BIREAL = ["policy.shortcuts=bireal", "policy.shortcut_downsample=avgpool_conv"]
 VARIANTS = {
-    "no shortcuts + distill": ["policy.shortcuts=none"],
-    "bireal (avgpool_conv) + distill": ["policy.shortcuts=bireal", "policy.shortcut_downsample=avgpool_conv"],
+    "no shortcuts + distill": [*BEFORE_RECOVERY, "policy.shortcuts=none"],
+    "bireal (avgpool_conv) + distill": [*BEFORE_RECOVERY, *BIREAL],
+    "bireal + distill + calibrated thresholds": [
+        *BEFORE_RECOVERY,
+        *BIREAL,
+        "layer.activation_bias=true",
+        "train.calibrate_thresholds=true",
+    ],
+    "no shortcuts + distill + calibrated thresholds": [
+        *BEFORE_RECOVERY,
+        "policy.shortcuts=none",
+        "layer.activation_bias=true",
+        "train.calibrate_thresholds=true",
+    ],
 }
 
 
@@ -37,14 +59,24 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=10_000, help="training images")
     parser.add_argument("--float-epochs", type=int, default=8)
     parser.add_argument("--epochs", type=int, default=3, help="epochs of each binary fine-tune")
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), help=f"of: {', '.join(VARIANTS)}")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=2, help="data-loader workers")
     args = parser.parse_args()
 
-    base = ["model.spec=torchvision:resnet18", "model.num_classes=10", f"train.limit_train={args.limit}"]
+    torch.set_num_threads(args.threads)
+    base = [
+        "model.spec=torchvision:resnet18",
+        "model.num_classes=10",
+        f"train.limit_train={args.limit}",
+        f"data.workers={args.workers}",
+    ]
     float_run = [
         "model.weights=null",
         "model.pretrained=false",
         "policy.keep=['re:.*']",
         "distill.teacher=none",
+        *BEFORE_RECOVERY,
         f"epochs={args.float_epochs}",
         "optimizer.lr=0.002",
     ]
@@ -55,7 +87,8 @@ def main() -> None:
     weights = args.work / "torchvision-resnet18-cifar-float.pt"
     torch.save(result.model.state_dict(), weights)
 
-    for name, overrides in VARIANTS.items():
+    for name in args.variants:
+        overrides = VARIANTS[name]
         start = time.perf_counter()
         recipe = load_recipe(RECIPE, base + [f"model.weights={weights}", f"epochs={args.epochs}", *overrides])
         result = binarize.finetune(None, recipe, data_dir=args.data, reporter=Reporter())

@@ -14,7 +14,7 @@ activations) and the decorators that extend it; ``inputs`` checks example inputs
 re-estimates BatchNorm statistics after conversion.
 """
 
-from binarize.conversion.calibration import recalibrate_bn
+from binarize.conversion.calibration import calibrate_thresholds, recalibrate_bn
 from binarize.conversion.pipeline import convert
 from binarize.conversion.policy import Policy
 from binarize.conversion.record import binarize_meta
@@ -28,6 +28,7 @@ __all__ = [
     "convert",
     "inspect",
     "recalibrate_bn",
+    "calibrate_thresholds",
     "register_activation",
     "register_binarizable",
     "register_leaf_module",

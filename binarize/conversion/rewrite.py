@@ -23,7 +23,16 @@ from binarize.conversion.graph import GraphFacts, is_fused_norm_act
 from binarize.conversion.trace import node_shape
 from binarize.nn.shortcut import BiRealShortcut
 
-__all__ = ["add_bireal_shortcuts", "replace_activation_module", "rewrite_activations", "sign_input_module"]
+__all__ = [
+    "SIGN_INPUT_SUFFIX",
+    "add_bireal_shortcuts",
+    "replace_activation_module",
+    "rewrite_activations",
+    "sign_input_module",
+]
+
+SIGN_INPUT_SUFFIX = "_sign_input"
+"""Suffix of the module put on the binary path in place of an activation (``act1`` -> ``act1_sign_input``)."""
 
 _OUT_OF_PLACE = {torch.relu_: torch.relu, F.relu_: F.relu, F.leaky_relu_: F.leaky_relu, F.elu_: F.elu}
 
@@ -116,7 +125,7 @@ def _binary_side(gm: fx.GraphModule, act: fx.Node, kind: str) -> fx.Node:
     replacement = sign_input_module(kind, _channels(pre))
     if replacement is None:
         return pre
-    name = _free_name(gm, f"{act.target if act.op == 'call_module' else act.name}_sign_input")
+    name = _free_name(gm, f"{act.target if act.op == 'call_module' else act.name}{SIGN_INPUT_SUFFIX}")
     gm.add_submodule(name, replacement)  # a module called at two sites gets a new module per site
     with gm.graph.inserting_before(act):
         node = gm.graph.call_module(name, (pre,))

@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from binarize.errors import ConfigError
 
-__all__ = ["DistContext", "from_environment", "all_reduce_sum", "broadcast_buffers"]
+__all__ = ["DistContext", "from_environment", "all_reduce_sum", "broadcast_buffers", "broadcast_parameters"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,3 +98,12 @@ def broadcast_buffers(module: torch.nn.Module, ctx: DistContext) -> None:
     if ctx.enabled and dist.is_initialized():
         for buffer in module.buffers():
             dist.broadcast(buffer, src=0)
+
+
+def broadcast_parameters(module: torch.nn.Module, ctx: DistContext) -> None:
+    """Copies the main process's parameters to every process (after a calibration from each process's own
+    shard, before DistributedDataParallel wraps the model); a no-op in a single process."""
+    if ctx.enabled and dist.is_initialized():
+        with torch.no_grad():
+            for param in module.parameters():
+                dist.broadcast(param, src=0)

@@ -12,9 +12,10 @@ non-finite check. The pieces live beside this module: :mod:`~binarize.engine.ste
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +24,14 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from binarize._utils import mix_seed, unwrap
+from binarize.conversion.calibration import calibrate_thresholds
 from binarize.conversion.pipeline import convert, recalibrate_bn
 from binarize.conversion.record import binarize_meta
 from binarize.data import Datasets, Loaders, ResolvedData, build_datasets, build_loaders, resolve_data_config
 from binarize.engine import checkpoint as ckpt
-from binarize.engine.distributed import DistContext, broadcast_buffers
+from binarize.engine.distributed import DistContext, broadcast_buffers, broadcast_parameters
 from binarize.engine.evaluation import autocast_dtype, evaluate, to_device
+from binarize.engine.feature_distill import StageDistillation
 from binarize.engine.layers import set_tau, set_weight_binarization, stage_tau_scheduler
 from binarize.engine.monitor import RunMonitor
 from binarize.engine.optim import build_optimizer
@@ -216,15 +219,15 @@ def _start(run: _Run, loaders: Loaders) -> None:
     """
     recipe = run.recipe
     stage = recipe.stages[0]
-    if recipe.train.bn_calibration_batches:
-        batches = (
-            to_device(images, labels, run.device, recipe.train.channels_last)[0] for images, labels in loaders.train
-        )
-        try:
-            recalibrate_bn(run.student, batches, max_batches=recipe.train.bn_calibration_batches)
-        finally:
-            batches.close()
-        broadcast_buffers(run.student, run.ctx)
+    calibration = recipe.train.bn_calibration_batches
+    if calibration:
+        _recalibrate(run, loaders, calibration)
+    if recipe.train.calibrate_thresholds:  # thresholds from the calibrated model, then its BatchNorm again
+        with contextlib.closing(_train_images(run, loaders)) as batches:
+            calibrate_thresholds(run.student, batches)
+        broadcast_parameters(run.student, run.ctx)
+        if calibration:
+            _recalibrate(run, loaders, calibration)
     val = evaluate(run.student, loaders.val, run.device, run.dtype, recipe.train.channels_last, run.ctx)
     tau = tau_at(0, stage.epochs, recipe.method)
     set_tau(run.student, tau)
@@ -243,12 +246,25 @@ def _start(run: _Run, loaders: Loaders) -> None:
         run.checkpointed = True
 
 
+def _train_images(run: _Run, loaders: Loaders) -> Generator[torch.Tensor, None, None]:
+    """The training loader's images on the run's device, for the calibration passes."""
+    channels_last = run.recipe.train.channels_last
+    return (to_device(images, labels, run.device, channels_last)[0] for images, labels in loaders.train)
+
+
+def _recalibrate(run: _Run, loaders: Loaders, batches: int) -> None:
+    """Re-estimates the student's BatchNorm statistics on ``batches`` training batches (on every process)."""
+    with contextlib.closing(_train_images(run, loaders)) as images:
+        recalibrate_bn(run.student, images, max_batches=batches)
+    broadcast_buffers(run.student, run.ctx)
+
+
 def _run_stage(
     run: _Run, stage_index: int, loaders: Loaders, start_epoch: int, state: dict[str, Any] | None, epoch_offset: int
 ) -> None:
     recipe, stage = run.recipe, run.recipe.stages[stage_index]
     set_weight_binarization(run.student, stage.binarize_weights)
-    teacher = run.teachers.get(stage.distill)
+    teacher = run.teachers.for_stage(stage)
     optimizer = build_optimizer(run.student, stage.optimizer)
     scaler = torch.amp.GradScaler(run.device.type, enabled=run.dtype is torch.float16)
     step = start_epoch * len(loaders.train)
@@ -265,6 +281,9 @@ def _run_stage(
         )
     if recipe.train.compile:
         model = torch.compile(model)
+    objectives = None
+    if stage.feature_distill.enabled or stage.block_reconstruction.enabled:  # hooks on student and teacher
+        objectives = StageDistillation(run.student, teacher, stage, len(loaders.train))
     context = EpochContext(
         model=model,
         student=run.student,
@@ -279,6 +298,7 @@ def _run_stage(
         dtype=run.dtype,
         ctx=run.ctx,
         reporter=run.reporter,
+        objectives=objectives,
     )
     try:
         for epoch in range(start_epoch, stage.epochs):
@@ -288,6 +308,8 @@ def _run_stage(
             loaders.set_epoch(epoch)
             torch.manual_seed(mix_seed(recipe.train.seed, stage_index, epoch))
             train, step = train_epoch(context, epoch, step)
+            if recipe.train.bn_refresh_batches:  # statistics of the epoch's final weights
+                _recalibrate(run, loaders, recipe.train.bn_refresh_batches)
             broadcast_buffers(run.student, run.ctx)
             val = evaluate(model, loaders.val, run.device, run.dtype, recipe.train.channels_last, run.ctx)
             if not math.isfinite(val["loss"]):  # the last step broke the model: do not checkpoint it
@@ -311,6 +333,9 @@ def _run_stage(
         else:
             where = "nothing (no output directory)"
         raise TrainingInterrupted(f"interrupted in stage '{stage.name}'; saved {where}") from None
+    finally:
+        if objectives is not None:
+            objectives.remove()
 
 
 def _resume_position(state: dict[str, Any], recipe: Recipe) -> tuple[int, int]:

@@ -3,11 +3,14 @@
 Every step sets the learning rate from the schedule (a pure function of the step), runs the student
 (and the teacher) under autocast, and steps the optimizer through the gradient scaler. The loss is
 read back to the host only every ``train.log_every`` steps (summed over processes, so that every
-process stops together on a non-finite loss) and at the end of the epoch.
+process stops together on a non-finite loss) and at the end of the epoch. With the feature
+objectives (:mod:`~binarize.engine.feature_distill`) a step adds the feature loss, and the steps of
+the block-reconstruction phase replace the logit loss by the blocks' reconstruction loss.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -18,6 +21,7 @@ from torch import nn
 from binarize.data import Loader
 from binarize.engine.distributed import DistContext, all_reduce_sum
 from binarize.engine.evaluation import to_device
+from binarize.engine.feature_distill import StageDistillation
 from binarize.engine.losses import training_loss
 from binarize.engine.progress import Reporter
 from binarize.engine.schedules import lr_at
@@ -47,6 +51,7 @@ class EpochContext:
         dtype: The autocast dtype, None for full precision.
         ctx: This process's place in the job.
         reporter: Progress display.
+        objectives: The stage's feature objectives (feature distillation, block reconstruction), or None.
     """
 
     model: nn.Module
@@ -62,6 +67,7 @@ class EpochContext:
     dtype: torch.dtype | None
     ctx: DistContext
     reporter: Reporter
+    objectives: StageDistillation | None = None
 
 
 def train_epoch(context: EpochContext, epoch: int, step: int) -> tuple[dict[str, float], int]:
@@ -84,14 +90,27 @@ def train_epoch(context: EpochContext, epoch: int, step: int) -> tuple[dict[str,
     c.reporter.start_epoch(epoch + 1, stage.epochs, steps, stage.name)
     for i, (images, labels) in enumerate(c.loader):
         images, labels = to_device(images, labels, device, c.train.channels_last)
-        lr = lr_at(step, steps, stage.epochs, stage.optimizer.lr, stage.schedule)
+        objectives = c.objectives
+        if objectives is None:
+            lr = lr_at(step, steps, stage.epochs, stage.optimizer.lr, stage.schedule)
+        else:
+            lr = objectives.lr(step, steps, stage)
+            if objectives.switch and step == objectives.switch:
+                c.optimizer.state.clear()  # end to end after block reconstruction: Adam's moments start afresh
         for group in c.optimizer.param_groups:
             group["lr"] = lr
         with torch.autocast(device.type, dtype=c.dtype or torch.float32, enabled=c.dtype is not None):
-            logits = c.model(images)
-            with torch.no_grad():
-                teacher_logits = c.teacher(images) if c.teacher is not None else None
-            loss = training_loss(logits, labels, teacher_logits, stage.distill, stage.label_smoothing)
+            if objectives is not None and objectives.forced(step):
+                loss = _block_reconstruction_loss(c, objectives, images)
+            else:
+                features = None if objectives is None else objectives.features
+                with features.record() if features is not None else contextlib.nullcontext():
+                    logits = c.model(images)
+                    with torch.no_grad():
+                        teacher_logits = c.teacher(images) if c.teacher is not None else None
+                loss = training_loss(logits, labels, teacher_logits, stage.distill, stage.label_smoothing)
+                if features is not None:
+                    loss = loss + objectives.weight * features.loss()
         c.optimizer.zero_grad(set_to_none=True)
         c.scaler.scale(loss).backward()
         if stage.grad_clip is not None:
@@ -118,6 +137,15 @@ def train_epoch(context: EpochContext, epoch: int, step: int) -> tuple[dict[str,
     mean_loss = (totals[0] / totals[1]).item()
     images_total = images_seen * c.ctx.world_size
     return {"loss": mean_loss, "seconds": seconds, "images_per_s": images_total / max(seconds, 1e-9)}, step
+
+
+def _block_reconstruction_loss(c: EpochContext, objectives: StageDistillation, images: torch.Tensor) -> torch.Tensor:
+    """A teacher-forced step: the teacher runs first, then every student block starts from its input."""
+    with objectives.blocks.record():
+        with torch.no_grad():
+            c.teacher(images)
+        c.model(images)
+    return objectives.blocks.loss()
 
 
 def non_finite(what: str, epoch: int, stage: StageConfig, where: str = "") -> TrainingError:

@@ -39,9 +39,21 @@ class Teachers:
         )
         self._built: dict[tuple[str, str | None, bool], nn.Module] = {}
 
-    def get(self, distill: DistillConfig) -> nn.Module | None:
-        """The teacher of a stage's distillation settings, or None when it does not distil."""
-        if not distill.enabled:
+    def for_stage(self, stage: StageConfig) -> nn.Module | None:
+        """The teacher of a stage: for its logit distillation and its feature objectives (feature
+        distillation, block reconstruction), or None when it uses none of them."""
+        features = stage.feature_distill.enabled or stage.block_reconstruction.enabled
+        return self.get(stage.distill, required=features)
+
+    def get(self, distill: DistillConfig, required: bool = False) -> nn.Module | None:
+        """The teacher of a stage's distillation settings, or None when it does not distil.
+
+        Args:
+            distill: The stage's distillation settings.
+            required: Build the teacher even when the logit distillation is off (``alpha: 0``), for
+                the feature objectives.
+        """
+        if not (distill.enabled or (required and distill.teacher != "none")):
             return None
         key = (distill.teacher, distill.teacher_weights, distill.teacher_pretrained)
         if key not in self._built:

@@ -10,7 +10,9 @@ recipe next to every run.
 
 from binarize.recipes.loading import apply_overrides, dump_recipe, list_recipes, load_recipe, recipe_text
 from binarize.recipes.schema import (
+    BlockReconstructionConfig,
     DistillConfig,
+    FeatureDistillConfig,
     MethodConfig,
     ModelConfig,
     OptimizerConfig,
@@ -28,6 +30,8 @@ __all__ = [
     "OptimizerConfig",
     "ScheduleConfig",
     "DistillConfig",
+    "FeatureDistillConfig",
+    "BlockReconstructionConfig",
     "StageConfig",
     "TrainConfig",
     "Recipe",

@@ -17,6 +17,8 @@ __all__ = [
     "OptimizerConfig",
     "ScheduleConfig",
     "DistillConfig",
+    "FeatureDistillConfig",
+    "BlockReconstructionConfig",
     "StageConfig",
     "TrainConfig",
     "Recipe",
@@ -174,6 +176,73 @@ class DistillConfig(Config):
 
 
 @dataclasses.dataclass(frozen=True)
+class FeatureDistillConfig(Config):
+    """Block-wise feature distillation from the float teacher (:mod:`binarize.engine.feature_distill`).
+
+    The loss of a step becomes ``logit/label loss + weight * mean over layers of feature_loss``.
+
+    Args:
+        weight: Weight of the feature loss; 0 turns it off.
+        layers: Glob patterns of the modules whose outputs are matched, in student and teacher alike
+            (the student is the converted teacher, with the same module names), e.g. ``layer*.*.relu2``.
+        loss: ``mse`` (squared error relative to the teacher's energy, per layer) or ``attention``
+            (Real-to-Binary's attention maps, Martinez et al., ICLR 2020).
+    """
+
+    weight: float = 0.0
+    layers: tuple[str, ...] = ()
+    loss: Literal["mse", "attention"] = "mse"
+
+    def validate(self) -> None:
+        check(self.weight >= 0, "weight", f"must be >= 0, got {self.weight}")
+        _check_patterns(self.layers)
+        check(self.weight == 0 or bool(self.layers), "layers", 'name the modules to match, e.g. ["layer*.*.relu2"]')
+
+    @property
+    def enabled(self) -> bool:
+        return self.weight > 0
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockReconstructionConfig(Config):
+    """Block reconstruction at the start of a stage (:mod:`binarize.engine.feature_distill`, teacher forcing).
+
+    For the first ``fraction`` of the stage's steps, every block of the student receives the float
+    teacher's input at the named boundary modules and learns, locally and all blocks in parallel, to
+    reproduce the teacher's block output (block reconstruction as in BRECQ, Li et al., ICLR 2021);
+    the loss is the mean over the boundaries of ``loss`` between the boundary modules' inputs, with no
+    logit or label loss. Then the optimizer state is reset and the rest of the stage trains end to end
+    as configured. Each of the two phases runs the stage's learning-rate schedule (warm-up included)
+    over its own steps; tau follows the stage's schedule throughout.
+
+    Args:
+        fraction: Share of the stage's steps spent on block reconstruction, in ``[0, 1)``; 0 turns it off.
+        layers: Glob patterns of the block-boundary modules, present in student and teacher alike,
+            e.g. ``layer*.*.relu2`` (each residual block's final activation).
+        loss: ``mse`` (relative squared error) or ``attention``.
+    """
+
+    fraction: float = 0.0
+    layers: tuple[str, ...] = ()
+    loss: Literal["mse", "attention"] = "mse"
+
+    def validate(self) -> None:
+        check(0 <= self.fraction < 1, "fraction", f"must lie in [0, 1), got {self.fraction}")
+        _check_patterns(self.layers)
+        check(self.fraction == 0 or bool(self.layers), "layers", 'name the block boundaries, e.g. ["layer*.*.relu2"]')
+
+    @property
+    def enabled(self) -> bool:
+        return self.fraction > 0
+
+
+def _check_patterns(layers: tuple[str, ...]) -> None:
+    check(isinstance(layers, tuple), "layers", "expected a list of module name patterns")
+    for pattern in layers:
+        check(isinstance(pattern, str) and pattern.strip() != "", "layers", f"non-empty patterns, got {pattern!r}")
+
+
+@dataclasses.dataclass(frozen=True)
 class StageConfig(Config):
     """One training stage; a later stage starts from the previous one's weights.
 
@@ -186,6 +255,9 @@ class StageConfig(Config):
         optimizer: Optimizer settings.
         schedule: Learning-rate schedule.
         distill: Distillation settings.
+        feature_distill: Block-wise feature distillation from the float teacher (a recovery option).
+        block_reconstruction: Teacher-forced block reconstruction for the first part of the stage
+            (a recovery option).
         label_smoothing: Label smoothing of the label loss.
         grad_clip: Clip the gradient norm to this value; None does not clip.
     """
@@ -197,10 +269,18 @@ class StageConfig(Config):
     optimizer: OptimizerConfig = OptimizerConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     distill: DistillConfig = DistillConfig()
+    feature_distill: FeatureDistillConfig = FeatureDistillConfig()
+    block_reconstruction: BlockReconstructionConfig = BlockReconstructionConfig()
     label_smoothing: float = 0.0
     grad_clip: float | None = None
 
     def validate(self) -> None:
+        for name in ("feature_distill", "block_reconstruction"):
+            check(
+                not getattr(self, name).enabled or self.distill.teacher != "none",
+                name,
+                "needs a teacher: set distill.teacher to float (the converted model's own float model)",
+            )
         check(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
         check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
         check(0 <= self.label_smoothing < 1, "label_smoothing", "must lie in [0, 1)")
@@ -226,6 +306,13 @@ class TrainConfig(Config):
         diagnostics_batches: Validation batches that measure the activation saturation (0: none).
         limit_val: Validate every epoch on a seeded, class-balanced subset of this many images
             (the same images whatever ``seed``).
+        calibrate_thresholds: A recovery option: after the BatchNorm re-estimation of a fresh run, set
+            every binary conv's activation bias (``layer.activation_bias: true``) so that the sign of
+            each input channel is the binary indicator most correlated with the ReLU the float model
+            applied there (:func:`binarize.calibrate_thresholds`), then re-estimate BatchNorm again.
+        bn_refresh_batches: A recovery option: after each epoch's training, re-estimate the BatchNorm
+            statistics on this many training batches (an exact average with the final weights, instead
+            of the running average over the epoch's changing weights) before validation; 0 does not.
     """
 
     seed: int = 0
@@ -239,6 +326,8 @@ class TrainConfig(Config):
     limit_val: int | None = None
     diagnostics: bool = True
     diagnostics_batches: int = 4
+    calibrate_thresholds: bool = False
+    bn_refresh_batches: int = 0
 
     def validate(self) -> None:
         ok = self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:") and self.device[5:].isdigit())
@@ -248,6 +337,7 @@ class TrainConfig(Config):
         check(self.limit_train is None or self.limit_train >= 1, "limit_train", "must be >= 1 or null")
         check(self.limit_val is None or self.limit_val >= 1, "limit_val", "must be >= 1 or null")
         check(self.diagnostics_batches >= 0, "diagnostics_batches", "must be >= 0")
+        check(self.bn_refresh_batches >= 0, "bn_refresh_batches", "must be >= 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -296,6 +386,11 @@ class Recipe(Config):
             "layer.tau",
             f"is {self.layer.tau} but the tau schedule starts at method.tau_min = {self.method.tau_min}; during "
             "training the schedule sets tau: set method.tau_min and leave this out",
+        )
+        check(
+            not self.train.calibrate_thresholds or self.layer.activation_bias,
+            "train.calibrate_thresholds",
+            "initialises the activation bias: set layer.activation_bias: true as well",
         )
 
     def layer_options(self, stage: int = 0) -> LayerOptions:
