@@ -385,3 +385,15 @@ def test_resume_with_every_recovery_option_is_bit_identical(tiny_recipe, tiny_da
     strip = lambda history: [{k: v for k, v in r.items() if k not in ("seconds", "images_per_s")} for r in history]  # noqa: E731
     assert strip(resumed.history) == strip(straight.history)
     assert (run_dir / "diagnostics.jsonl").read_text() == (straight_dir / "diagnostics.jsonl").read_text()
+
+
+def test_block_reconstruction_without_logit_distillation_still_gets_its_teacher(tiny_recipe, tiny_data, monkeypatch):
+    calls = []
+    real = FeatureDistiller.loss
+    monkeypatch.setattr(FeatureDistiller, "loss", lambda self: calls.append(1) or real(self))
+    recipe = tiny_recipe(
+        "epochs=1", "distill.alpha=0", "block_reconstruction.fraction=0.5", "block_reconstruction.layers=[act2]"
+    )
+    assert not recipe.stages[0].distill.enabled
+    binarize.finetune(None, recipe, data_dir=tiny_data, reporter=Reporter())
+    assert len(calls) == 3  # half of the 6 steps reconstruct blocks from the float teacher

@@ -41,20 +41,19 @@ class Teachers:
 
     def for_stage(self, stage: StageConfig) -> nn.Module | None:
         """The teacher of a stage: for its logit distillation and its feature objectives (feature
-        distillation, block reconstruction), or None when it uses none of them."""
+        distillation, block reconstruction, which need it even with ``distill.alpha: 0``), or None."""
         features = stage.feature_distill.enabled or stage.block_reconstruction.enabled
-        return self.get(stage.distill, required=features)
+        if features and not stage.distill.enabled and stage.distill.teacher != "none":
+            return self._build(stage.distill)
+        return self.get(stage.distill)
 
-    def get(self, distill: DistillConfig, required: bool = False) -> nn.Module | None:
-        """The teacher of a stage's distillation settings, or None when it does not distil.
-
-        Args:
-            distill: The stage's distillation settings.
-            required: Build the teacher even when the logit distillation is off (``alpha: 0``), for
-                the feature objectives.
-        """
-        if not (distill.enabled or (required and distill.teacher != "none")):
+    def get(self, distill: DistillConfig) -> nn.Module | None:
+        """The teacher of a stage's distillation settings, or None when it does not distil."""
+        if not distill.enabled:
             return None
+        return self._build(distill)
+
+    def _build(self, distill: DistillConfig) -> nn.Module:
         key = (distill.teacher, distill.teacher_weights, distill.teacher_pretrained)
         if key not in self._built:
             if distill.teacher == "float":
