@@ -215,6 +215,26 @@ def test_bad_set(tiny_recipe_file, tiny_data, tmp_path, override, message):
     assert_clean_error(finetune(tiny_recipe_file, tiny_data, tmp_path / "o", "--set", override), message)
 
 
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["block_reconstruction.fraction=1"], r"stages\[0\]\.block_reconstruction\.fraction: must lie in \[0, 1\)"),
+        (["block_reconstruction.fraction=0.5"], r"block_reconstruction\.layers: name the block boundaries"),
+        (
+            ["block_reconstruction.fraction=0.5", "block_reconstruction.layers=[act9]"],
+            r"block_reconstruction\.layers: 'act9' matches no module of both the student and the teacher; closest: act",
+        ),
+        (["feature_distill.weight=1", "feature_distill.layers=[bn1]", "distill.teacher=none"], r"needs a teacher"),
+        (["train.calibrate_thresholds=true"], r"train\.calibrate_thresholds: .* set layer\.activation_bias: true"),
+        (["train.bn_refresh_batches=-2"], r"train\.bn_refresh_batches: must be >= 0"),
+    ],
+)
+def test_bad_recovery_options_stop_before_any_work(tiny_recipe_file, tiny_data, tmp_path, overrides, message):
+    sets = [arg for override in overrides for arg in ("--set", override)]
+    assert_clean_error(finetune(tiny_recipe_file, tiny_data, tmp_path / "o", *sets), message)
+    assert not (tmp_path / "o").exists()
+
+
 def test_model_classes_differ_from_the_dataset(tiny_recipe_file, tiny_data, tmp_path):
     assert_clean_error(
         finetune(tiny_recipe_file, tiny_data, tmp_path / "o", "--num-classes", "5"),

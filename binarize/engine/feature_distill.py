@@ -35,6 +35,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from binarize._utils import closest
 from binarize.conversion.rewrite import SIGN_INPUT_SUFFIX
 from binarize.engine.schedules import lr_at
 from binarize.errors import ConfigError
@@ -97,10 +98,10 @@ def resolve_layers(
     for pattern in patterns:
         found = [n for n in both if fnmatch.fnmatchcase(n, pattern)]
         if not found:
-            example = next((n for n in both if "." in n), both[0] if both else "layer1")
+            hint = closest(pattern, both, n=3) or f"; names look like '{next((n for n in both if '.' in n), '')}'"
             raise ConfigError(
-                f"{field}.layers: {pattern!r} matches no module of both the student and the teacher "
-                f"(names look like '{example}'; the teacher must be the float model, distill.teacher: float)"
+                f"{field}.layers: {pattern!r} matches no module of both the student and the teacher{hint} "
+                "(glob patterns; the teacher must be the float model, distill.teacher: float)"
             )
         names += [n for n in found if n not in names]
     return names

@@ -31,7 +31,7 @@ from binarize.data import Datasets, Loaders, ResolvedData, build_datasets, build
 from binarize.engine import checkpoint as ckpt
 from binarize.engine.distributed import DistContext, broadcast_buffers, broadcast_parameters
 from binarize.engine.evaluation import autocast_dtype, evaluate, to_device
-from binarize.engine.feature_distill import StageDistillation
+from binarize.engine.feature_distill import StageDistillation, resolve_layers
 from binarize.engine.layers import set_tau, set_weight_binarization, stage_tau_scheduler
 from binarize.engine.monitor import RunMonitor
 from binarize.engine.optim import build_optimizer
@@ -459,6 +459,7 @@ def finetune(
     _check_classes(float_model, datasets.num_classes, resolved.input_size, device)
     example = (torch.zeros(1, *resolved.input_size, device=device),)
     student = convert(float_model, recipe.policy, example, layer=recipe.layer_options(0)).to(device)
+    _check_feature_layers(student, float_model, recipe.stages)
     if recipe.train.channels_last:
         student.to(memory_format=torch.channels_last)
     if reporter is None:
@@ -495,6 +496,18 @@ def finetune(
         log.close()
         reporter.close()
     return FinetuneResult(student.eval(), dict(run.best), list(log.records), run_dir)
+
+
+def _check_feature_layers(student: nn.Module, float_model: nn.Module, stages: Sequence[StageConfig]) -> None:
+    """Checks, before any work, that the module patterns of every stage distilling features from the float
+    model name modules of both models (a teacher given by specification is checked when its stage starts)."""
+    for stage in stages:
+        if stage.distill.teacher != "float":
+            continue
+        if stage.feature_distill.enabled:
+            resolve_layers(student, unwrap(float_model), stage.feature_distill.layers, "feature_distill")
+        if stage.block_reconstruction.enabled:
+            resolve_layers(student, unwrap(float_model), stage.block_reconstruction.layers, "block_reconstruction")
 
 
 def _title(recipe: Recipe, run_dir: Path) -> str:
