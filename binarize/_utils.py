@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import itertools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -19,6 +20,7 @@ __all__ = [
     "nearest",
     "replace_submodule",
     "run_with_hooks",
+    "run_batches",
     "set_preserved_attr",
     "unwrap",
 ]
@@ -80,6 +82,35 @@ def run_with_hooks(
     finally:
         for handle in handles:
             handle.remove()
+
+
+@torch.no_grad()
+def run_batches(
+    model: nn.Module,
+    batches: Iterable,
+    max_batches: int | None,
+    modules: Iterable[tuple[str, nn.Module]],
+    on_input: Callable[[str, nn.Module, tuple], None],
+) -> int:
+    """Runs up to ``max_batches`` batches (tensors or ``(inputs, targets, ...)``) through ``model`` in eval
+    mode on its device, calling ``on_input(name, module, args)`` before every call of each of ``modules``;
+    the hooks are removed afterwards, also on errors. Returns how many batches ran."""
+    first = next(itertools.chain(model.parameters(), model.buffers()), None)
+    device = first.device if first is not None else torch.device("cpu")
+    handles = [
+        module.register_forward_pre_hook(lambda m, args, name=name: on_input(name, m, args)) for name, module in modules
+    ]
+    ran = 0
+    try:
+        with eval_mode(model):
+            for batch in itertools.islice(batches, max_batches):
+                inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
+                model(inputs.to(device, non_blocking=True))
+                ran += 1
+    finally:
+        for handle in handles:
+            handle.remove()
+    return ran
 
 
 def set_preserved_attr(module: nn.Module, name: str, value: Any) -> None:

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from binarize._utils import eval_mode
+from binarize._utils import eval_mode, run_batches
 from binarize.errors import ConfigError
 from binarize.nn import ReCUConv2d
 
@@ -148,20 +148,10 @@ def calibrate_thresholds(model: nn.Module, batches: Iterable, max_batches: int =
         return {}
     seen: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
 
-    def keep(name: str):
-        return lambda _, args: seen[name].append(args[0].detach().float().transpose(0, 1).flatten(1))
+    def keep(name: str, module: nn.Module, args: tuple) -> None:
+        seen[name].append(args[0].detach().float().transpose(0, 1).flatten(1))
 
-    handles = [m.register_forward_pre_hook(keep(n)) for n, m in layers.items()]
-    device = next(itertools.chain(model.parameters(), model.buffers())).device
-    try:
-        with eval_mode(model):
-            for batch in itertools.islice(batches, max_batches):
-                inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
-                model(inputs.to(device, non_blocking=True))
-    finally:
-        for handle in handles:
-            handle.remove()
-    if not any(seen.values()):
+    if not run_batches(model, batches, max_batches, layers.items(), keep):
         raise ConfigError("calibrate_thresholds: no batches (the iterable is empty or already consumed)")
     found = {}
     for name, layer in layers.items():

@@ -128,8 +128,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag(
         "saturated",
         f"over {_pct(SATURATED_SHARE)} of the sign's inputs lie outside its gradient window |A0| < 1 and get no "
-        "gradient; check what feeds the layer (a ReLU?) or learn a threshold (layer.activation_bias, set from "
-        "data by train.calibrate_thresholds)",
+        "gradient; check what feeds the layer (a ReLU?) or set thresholds from data (train.calibrate_thresholds)",
         lambda latest, history: _over(latest.get("saturation"), SATURATED_SHARE),
     ),
 )

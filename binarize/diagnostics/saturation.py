@@ -10,13 +10,12 @@ BatchNorm running statistics, no dropout) and without gradients. Modes are resto
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
 
-from binarize._utils import eval_mode, unwrap
+from binarize._utils import run_batches, unwrap
 from binarize.diagnostics.figures import binary_layers
 from binarize.nn import ReCUConv2d
 from binarize.nn.functional import EPS, _stats_dtype
@@ -53,23 +52,12 @@ def measure_saturation(model: nn.Module, batches: Iterable, max_batches: int = 4
     device = param.device if param is not None else torch.device("cpu")
     counts = {name: [torch.zeros((), dtype=torch.int64, device=device), 0] for name, _ in layers}
 
-    def hook(name: str):
-        def count(module: ReCUConv2d, args: tuple) -> None:
-            x = args[0]
-            counts[name][0] += _saturated(module, x).to(device)
-            counts[name][1] += x.numel()
+    def count(name: str, module: ReCUConv2d, args: tuple) -> None:
+        x = args[0]
+        counts[name][0] += _saturated(module, x).to(device)
+        counts[name][1] += x.numel()
 
-        return count
-
-    handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in layers]
-    try:
-        with eval_mode(model):
-            for batch in itertools.islice(batches, max_batches):
-                inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
-                model(inputs.to(device, non_blocking=True))
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_batches(model, batches, max_batches, layers, count)
     totals = torch.stack([c[0] for c in counts.values()]).tolist() if counts else []
     return {
         name: (saturated / seen if seen else None)
