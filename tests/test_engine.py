@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import shutil
 import signal
 from pathlib import Path
@@ -344,7 +343,9 @@ def test_ctrl_c_while_checkpointing_waits_for_the_checkpoint(straight_run, tiny_
     def save(model, path, *, force=False, run=None):
         written = real_save(model, path, force=force, run=run)
         if path.name == "last.safetensors" and run.metrics["epoch"] == 2:
-            os.kill(os.getpid(), signal.SIGINT)  # between last.safetensors and state.pt
+            # between last.safetensors and state.pt; raise_signal delivers to this (the main) thread at once,
+            # where os.kill may hand it to another thread that a loaded machine schedules only later
+            signal.raise_signal(signal.SIGINT)
         return written
 
     monkeypatch.setattr(loop, "save", save)
