@@ -349,6 +349,8 @@ def test_ctrl_c_while_checkpointing_waits_for_the_checkpoint(straight_run, tiny_
         return written
 
     monkeypatch.setattr(loop, "save", save)
+    # Ctrl-C is held back only under Python's own SIGINT handler: start from it whatever ran before
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     with pytest.raises(TrainingInterrupted):
         binarize.finetune(None, recipe, data_dir=tiny_data, output_dir=run_dir, reporter=Reporter())
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
