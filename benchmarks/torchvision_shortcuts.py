@@ -34,12 +34,20 @@ BEFORE_RECOVERY = [
     "train.bn_refresh_batches=0",
 ]
 BIREAL = ["policy.shortcuts=bireal", "policy.shortcut_downsample=avgpool_conv"]
+SHARED = ["policy.shortcuts=bireal", "policy.shortcut_downsample=shared"]
 VARIANTS = {
     "no shortcuts + distill": [*BEFORE_RECOVERY, "policy.shortcuts=none"],
     "bireal (avgpool_conv) + distill": [*BEFORE_RECOVERY, *BIREAL],
     "bireal + distill + calibrated thresholds": [
         *BEFORE_RECOVERY,
         *BIREAL,
+        "layer.activation_bias=true",
+        "train.calibrate_thresholds=true",
+    ],
+    "bireal (shared downsample) + distill": [*BEFORE_RECOVERY, *SHARED],
+    "bireal (shared downsample) + distill + calibrated thresholds": [
+        *BEFORE_RECOVERY,
+        *SHARED,
         "layer.activation_bias=true",
         "train.calibrate_thresholds=true",
     ],

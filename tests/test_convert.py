@@ -732,6 +732,53 @@ def test_bireal_shortcut_is_added_to_the_batchnorm_output(mode, size):
         torch.testing.assert_close(binary(x), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_shared_shortcut_reuses_the_blocks_downsample():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64)
+    policy = binarize.Policy(shortcuts="bireal", shortcut_downsample="shared")
+    binary = binarize.convert(model, policy, (x[:1],)).eval()
+    avgpool = binarize.convert(model, binarize.Policy(shortcuts="bireal"), (x[:1],))
+    shortcuts = binarize.binarize_meta(binary).shortcuts
+    assert sorted(shortcuts) == sorted(binarize.binarize_meta(avgpool).shortcuts) and len(shortcuts) == 16
+    for stage in (2, 3, 4):  # the downsampling blocks: their first conv's shortcut is the block's downsample
+        assert shortcuts[f"layer{stage}.0.conv1"] == f"layer{stage}.0.downsample.1"
+    assert not any(isinstance(m, BiRealShortcut) and m.conv is not None for m in binary.modules())
+    added = [m.conv for m in avgpool.modules() if isinstance(m, BiRealShortcut) and m.conv is not None]
+    extra = sum(conv.weight.numel() for conv in added)
+    n_params = sum(p.numel() for p in binary.parameters())
+    assert extra == 64 * 128 + 128 * 256 + 256 * 512
+    assert n_params == sum(p.numel() for p in avgpool.parameters()) - extra
+    seen = {}
+    block = binary.get_submodule("layer3.0")
+    hooks = [
+        block.bn1.register_forward_hook(lambda m, i, o: seen.setdefault("bn1", o)),
+        block.get_submodule("downsample.1").register_forward_hook(lambda m, i, o: seen.setdefault("downsample", o)),
+        block.relu_sign_input.register_forward_hook(lambda m, i, o: seen.setdefault("sign_input", i[0])),
+    ]
+    with torch.no_grad():
+        out = binary(x)
+    for hook in hooks:
+        hook.remove()
+    assert out.shape == (2, 10)
+    assert torch.equal(seen["sign_input"], seen["bn1"] + seen["downsample"])
+    report = binarize.inspect(binary)
+    assert report.to_dict()["summary"]["shortcuts_added"] == 16
+    assert not any(e.reason.startswith("Bi-Real shortcut of") for e in report.layers)
+
+
+def test_shared_shortcut_without_a_downsample_falls_back_to_avgpool_conv():
+    torch.manual_seed(0)
+    model = TwoConv(stride=2).eval()  # no downsample module: conv2 16 -> 32 channels, stride 2
+    x = torch.randn(2, 3, 12, 12)
+    shared = binarize.convert(model, binarize.Policy(shortcuts="bireal", shortcut_downsample="shared"), (x[:1],))
+    avgpool = binarize.convert(model, binarize.Policy(shortcuts="bireal"), (x[:1],))
+    shortcut = shared.get_submodule(binarize.binarize_meta(shared).shortcuts["conv2"])
+    assert isinstance(shortcut, BiRealShortcut) and shortcut.mode == "avgpool_conv" and shortcut.conv is not None
+    with torch.no_grad():
+        assert torch.equal(shared.eval()(x), avgpool.eval()(x))
+
+
 def test_bireal_with_zeroed_shortcut_equals_no_shortcut():
     torch.manual_seed(0)
     model = TwoConv(stride=2).eval()

@@ -105,6 +105,15 @@ def test_round_trip_bireal_avgpool_conv(tmp_path):
     _round_trip(binary, tmp_path / "bireal.safetensors", x)
 
 
+def test_round_trip_bireal_shared_downsample(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    policy = binarize.Policy(shortcuts="bireal", shortcut_downsample="shared")
+    binary = binarize.convert(binarize.create_model("torchvision:resnet18", num_classes=10), policy, (x[:1],))
+    loaded = _round_trip(binary, tmp_path / "shared.safetensors", x)
+    assert binarize.binarize_meta(loaded).shortcuts["layer2.0.conv1"] == "layer2.0.downsample.1"
+
+
 def test_round_trip_user_built_model(tmp_path):
     torch.manual_seed(0)
     x = torch.randn(2, 3, 32, 32)

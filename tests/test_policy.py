@@ -147,7 +147,10 @@ def test_linear_layers_stay_float_whatever_the_rules():
             {"shortcuts": "Bireal"},
             "policy.shortcuts: must be one of 'none', 'bireal', got 'Bireal'; did you mean 'bireal'?",
         ),
-        ({"shortcut_downsample": "pad"}, "policy.shortcut_downsample: must be one of 'avgpool_conv', 'zero_pad'"),
+        (
+            {"shortcut_downsample": "pad"},
+            "policy.shortcut_downsample: must be one of 'avgpool_conv', 'zero_pad', 'shared'",
+        ),
         ({"keep": ["re:("]}, "policy.keep: invalid regex '('"),
         ({"binarize": ["re:[a-"]}, "policy.binarize: invalid regex '[a-'"),
         ({"keep": ["layer1.*"], "binarize": ["layer1.*"]}, "policy.keep: 'layer1.*' is in both keep and binarize"),

@@ -71,6 +71,9 @@ def test_the_paper_settings_of_the_shipped_recipes():
     assert stage.optimizer.weight_decay == WeightDecayConfig(5e-4, 5e-4, 5e-4, 5e-4)
     assert (stage.schedule.name, stage.schedule.warmup_epochs, stage.distill.enabled) == ("cosine", 5, False)
     assert (cifar.method.tau_min, cifar.method.tau_max, cifar.policy.shortcuts) == (0.85, 0.99, "bireal")
+    for name in ("imagenet-resnet18", "imagenet-resnet34"):  # one float 1x1 stride-2 downsample per block
+        policy = load_recipe(name).policy
+        assert (policy.shortcuts, policy.shortcut_downsample, policy.keep_shortcut_1x1) == ("bireal", "shared", True)
     two = load_recipe("imagenet-resnet18-two-stage")
     first, second = two.stages
     assert (first.binarize_weights, second.binarize_weights) == (False, True)

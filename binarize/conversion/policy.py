@@ -54,7 +54,9 @@ class Policy(Config):
         shortcuts: ``bireal`` adds a real-valued shortcut around each binary conv and its
             BatchNorm (Bi-Real Net, Liu et al. 2018), as in ReCU's published models; ``none``.
         shortcut_downsample: For a Bi-Real shortcut whose shapes differ: ``avgpool_conv`` (average
-            pooling and a float 1x1 conv) or ``zero_pad`` (average pooling and zero channels).
+            pooling and a float 1x1 conv), ``zero_pad`` (average pooling and zero channels) or ``shared``
+            (the output of the block's own float 1x1 downsample from the same input, as ReCU's ImageNet
+            ResNets share one downsample per block; ``avgpool_conv`` where the block has none).
         version: Schema version of this configuration (2: the layer's own options, weight
             binarization and the activation bias, moved to :class:`binarize.nn.LayerOptions`).
 
@@ -75,7 +77,7 @@ class Policy(Config):
     binarize: tuple[str, ...] = ()
     activation: Literal["hardtanh", "identity", "prelu", "keep"] = "hardtanh"
     shortcuts: Literal["none", "bireal"] = "none"
-    shortcut_downsample: Literal["avgpool_conv", "zero_pad"] = "avgpool_conv"
+    shortcut_downsample: Literal["avgpool_conv", "zero_pad", "shared"] = "avgpool_conv"
     version: int = VERSION
 
     def __post_init__(self) -> None:

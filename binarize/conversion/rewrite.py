@@ -239,7 +239,12 @@ def _own_module(gm: fx.GraphModule, clone: fx.Node) -> None:
 
 
 def add_bireal_shortcuts(
-    gm: fx.GraphModule, facts: GraphFacts, binary: list[str], in_shapes: dict[str, tuple], mode: str
+    gm: fx.GraphModule,
+    facts: GraphFacts,
+    binary: list[str],
+    in_shapes: dict[str, tuple],
+    mode: str,
+    downsamples: frozenset[str] = frozenset(),
 ) -> dict[str, str]:
     """Adds a real-valued shortcut from each binary conv's input to the output of its BatchNorm.
 
@@ -248,11 +253,14 @@ def add_bireal_shortcuts(
         facts: Its :class:`~binarize.conversion.graph.GraphFacts`.
         binary: Qualified names of the binary convs.
         in_shapes: Input and output shape of each conv, ``name -> (in_shape, out_shape)``.
-        mode: ``avgpool_conv`` or ``zero_pad`` for shortcuts whose shapes differ.
+        mode: ``avgpool_conv``, ``zero_pad`` or ``shared`` for shortcuts whose shapes differ.
+        downsamples: For ``shared``: the float 1x1 convs on residual shortcuts (found before the
+            activations were rewritten), the candidates for reuse.
 
     Returns:
-        ``conv name -> shortcut module name`` for the shortcuts added; convs whose output shape is
-        not their input shape divided by the stride get none.
+        ``conv name -> shortcut module name`` for the shortcuts added (for ``shared``, the block's
+        downsample module whose output is reused); convs whose output shape is not their input shape
+        divided by the stride get none.
     """
     added = {}
     wanted = set(binary)
@@ -264,16 +272,68 @@ def add_bireal_shortcuts(
             continue
         if mode == "zero_pad" and c_out < c_in:
             continue
-        out = conv_node
-        users = list(out.users)
-        if len(users) == 1 and isinstance(facts.module(users[0]), nn.modules.batchnorm._BatchNorm):
-            out = users[0]
-        name = _free_name(gm, f"{conv_node.target}_shortcut")
-        gm.add_submodule(name, BiRealShortcut(c_in, c_out, stride, mode))
-        with gm.graph.inserting_after(out):
-            shortcut = gm.graph.call_module(name, (conv_node.args[0],))
+        out = _norm_output(facts, conv_node)
+        reshaping = stride > 1 or c_in != c_out
+        shared = _block_downsample(gm, facts, conv_node, out, downsamples) if mode == "shared" and reshaping else None
+        if shared is not None:
+            shortcut, name = shared, str(shared.target)
+        else:
+            name = _free_name(gm, f"{conv_node.target}_shortcut")
+            build_mode = "avgpool_conv" if mode == "shared" else mode
+            gm.add_submodule(name, BiRealShortcut(c_in, c_out, stride, build_mode))
+            with gm.graph.inserting_after(out):
+                shortcut = gm.graph.call_module(name, (conv_node.args[0],))
         with gm.graph.inserting_after(shortcut):
             total = gm.graph.call_function(operator.add, (out, shortcut))
         out.replace_all_uses_with(total, delete_user_cb=lambda user, t=total: user is not t)
         added[str(conv_node.target)] = name
     return added
+
+
+def _norm_output(facts: GraphFacts, conv_node: fx.Node) -> fx.Node:
+    """The conv's BatchNorm when the conv feeds only that, else the conv itself."""
+    users = list(conv_node.users)
+    if len(users) == 1 and isinstance(facts.module(users[0]), nn.modules.batchnorm._BatchNorm):
+        return users[0]
+    return conv_node
+
+
+def _root(facts: GraphFacts, node: fx.Node) -> fx.Node:
+    """Walks back through pass-through ops and activations (the binary path's sign-input replacement
+    included) to the tensor both paths of a block start from."""
+    while (facts.is_pass_through(node) or facts.is_activation(node) or _is_sign_input(node)) and node.args:
+        if not isinstance(node.args[0], fx.Node):
+            break
+        node = node.args[0]
+    return node
+
+
+def _is_sign_input(node: fx.Node) -> bool:
+    return node.op == "call_module" and SIGN_INPUT_SUFFIX in str(node.target)
+
+
+def _block_downsample(
+    gm: fx.GraphModule, facts: GraphFacts, conv_node: fx.Node, out: fx.Node, downsamples: frozenset[str]
+) -> fx.Node | None:
+    """The output node of the block's float 1x1 downsample (conv, then its BatchNorm) that starts from the
+    binary conv's input and has its output's shape; moved just after ``out`` when it came later.
+
+    ReCU's and Bi-Real Net's ImageNet ResNets compute one downsample per block and use it as the first
+    conv's shortcut; torchvision's blocks have that module already, so no second 1x1 conv is added.
+    """
+    start, shape = _root(facts, conv_node.args[0]), node_shape(out)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or node.target not in downsamples:
+            continue
+        ds_out = _norm_output(facts, node)
+        if _root(facts, node.args[0]) is not start or shape is None or node_shape(ds_out) != shape:
+            continue
+        if order[ds_out] > order[out]:
+            if any(order[i] > order[out] for i in node.all_input_nodes):
+                continue
+            out.append(node)
+            if ds_out is not node:
+                node.append(ds_out)
+        return ds_out
+    return None

@@ -23,6 +23,7 @@ from binarize.conversion.policy import Decision, Policy
 from binarize.conversion.rewrite import add_bireal_shortcuts, rewrite_activations
 from binarize.conversion.trace import node_shape
 from binarize.nn import LayerOptions
+from binarize.nn.shortcut import BiRealShortcut
 
 __all__ = ["convert_traced"]
 
@@ -70,6 +71,9 @@ def convert_traced(gm: fx.GraphModule, model: nn.Module, policy: Policy, options
     facts = GraphFacts(gm)
     decisions = _decide(gm, facts, policy, model)
     binary = [name for name, d in decisions.items() if d.binary]
+    downsamples = frozenset(
+        str(n.target) for n in facts.layer_nodes() if n.target not in binary and facts.is_shortcut_1x1(n)
+    )
     shapes = {}
     for node in gm.graph.nodes:
         if node.op == "call_module" and node.target in decisions and node.args:
@@ -79,10 +83,10 @@ def convert_traced(gm: fx.GraphModule, model: nn.Module, policy: Policy, options
     facts.modules = dict(gm.named_modules())
     shortcuts = {}
     if policy.shortcuts == "bireal":
-        shortcuts = add_bireal_shortcuts(gm, facts, binary, shapes, policy.shortcut_downsample)
+        shortcuts = add_bireal_shortcuts(gm, facts, binary, shapes, policy.shortcut_downsample, downsamples)
         for conv_name, sc_name in shortcuts.items():
             sc = gm.get_submodule(sc_name)
-            if sc.conv is not None:
+            if isinstance(sc, BiRealShortcut) and sc.conv is not None:
                 decisions[f"{sc_name}.conv"] = Decision(False, f"Bi-Real shortcut of {conv_name}")
     gm.graph.lint()
     gm.delete_all_unused_submodules()
