@@ -172,6 +172,7 @@ ARCHITECTURES = [
     ("regnetx_002", 32, binarize.Policy(keep_grouped=False), None),  # grouped binary convs, fused BatchNormAct2d
     ("mobilenetv2_050", 32, None, None),  # depthwise convs stay float
     ("odd", 17, binarize.Policy(keep_first=False), LayerOptions(activation_bias=True)),
+    ("tv:resnet18", 32, binarize.Policy(shortcuts="bireal", shortcut_downsample="shared"), None),
 ]
 
 
@@ -179,7 +180,7 @@ def _id(case) -> str:
     spec, _, policy, layer = case
     extra = []
     if policy is not None and policy.shortcuts != "none":
-        extra.append("bireal")
+        extra.append("bireal" if policy.shortcut_downsample != "shared" else "bireal-shared")
     if policy is not None and not policy.keep_grouped:
         extra.append("grouped")
     if layer is not None and layer.activation_bias:
@@ -644,6 +645,42 @@ def test_onnx_file_of_a_wide_layer_is_small(tmp_path):
     x = images(2, 8)
     with torch.no_grad():
         assert_close_predictions(torch.from_numpy(session.run(None, {"input": x.numpy()})[0]), bx.pack(binary)(x))
+
+
+class BinaryOnly(nn.Module):
+    """Binary convs only (with the policy below): stride 2, reflect padding, a 1x1 conv with bias, no head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 33, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(33)
+        self.b = nn.Conv2d(33, 65, 3, stride=2, padding=1, padding_mode="reflect", bias=False)
+        self.bn2 = nn.BatchNorm2d(65)
+        self.c = nn.Conv2d(65, 31, 1, bias=True)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.bn2(self.b(torch.relu(self.bn1(self.a(x)))))))
+
+
+def test_onnx_binary_layers_give_the_packed_output_bit_for_bit(tmp_path):
+    """ConvInteger counts exactly and the Mul/Add after it round as the packed kernel does: a network of
+    binary layers only gives the same float32 output, bit for bit, in onnxruntime and in binarize."""
+    import onnx
+
+    torch.manual_seed(0)
+    model = BinaryOnly().eval()
+    _randomise_norms(model)
+    policy = binarize.Policy(keep_first=False, keep_last=False, min_in_channels=1)
+    binary = binarize.convert(model, policy, (torch.zeros(1, 3, 15, 15),))
+    packed = bx.pack(binary)
+    assert list(bx.packed_meta(packed).layers) == ["a", "b", "c"]
+    path = bx.export(packed, tmp_path / "binary.onnx", "onnx")
+    ops = [node.op_type for node in onnx.load(str(path)).graph.node]
+    assert ops.count("ConvInteger") == 3 and "Conv" not in ops
+    x = images(3, 15)
+    (out,) = _ort_session(path).run(None, {"input": x.numpy()})
+    with torch.no_grad():
+        assert torch.equal(torch.from_numpy(out), packed(x).contiguous())
 
 
 def test_onnx_sign_maps_zero_and_negative_zero_to_plus_one(tmp_path):

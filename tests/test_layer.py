@@ -200,6 +200,29 @@ def test_matches_reference_padding_modes(case: Case, training: bool) -> None:
     run_and_compare(layer, make_input(case, seed=11), seed=11)
 
 
+@pytest.mark.parametrize("case", CASES + PAD_MODE_CASES, ids=Case.id)
+def test_inference_counts_exactly_then_scales(case: Case) -> None:
+    """Eval mode without autograd (``binarize eval``, validation): the +-1 products are summed exactly and
+    ``alpha`` is applied once, so the float32 output is ``fl(fl(count * alpha) + bias)`` bitwise, as the
+    packed kernel computes it; with autograd on, the training path gives the same values to rounding."""
+    layer = make_layer(case, 0.85, seed=5, dtype=torch.float32).eval()
+    x = make_input(case, seed=5, dtype=torch.float32)
+    ones = torch.ones(case.out_channels, dtype=torch.float64)
+    conv = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups)
+    counts, _ = reference_conv(
+        x.double(), layer.weight.double(), ones, None, layer.tau.double(), padding_mode=case.padding_mode,
+        training=False, binarize_weights=True, **conv,
+    )  # fmt: skip
+    assert torch.equal(counts, counts.round()) and counts.abs().max() > 1
+    expected = counts.float() * layer.alpha.detach().view(1, -1, 1, 1)
+    if layer.bias is not None:
+        expected = expected + layer.bias.detach().view(1, -1, 1, 1)
+    with torch.no_grad():
+        out = layer(x)
+    assert torch.equal(out, expected)
+    assert_rel_close(layer(x).detach(), expected, "output with autograd", tol=1e-5)
+
+
 def test_reference_variance_path_matters() -> None:
     """Sanity check of the reference and the grid: detaching the activation variance changes the input gradient."""
     case = CASES[0]

@@ -152,6 +152,8 @@ class ReCUConv2d(nn.Conv2d):
     def forward(self, x: Tensor) -> Tensor:
         if self.activation_bias is not None:
             x = x + self.activation_bias.to(x.dtype).view(1, -1, 1, 1)
+        if self.binarize_weights and not self.training and not torch.is_grad_enabled():
+            return self._exact_inference(x)
         return sign_conv2d(
             x,
             self.binary_weight(),
@@ -163,6 +165,18 @@ class ReCUConv2d(nn.Conv2d):
             self.training,
             self.padding_mode,
         )
+
+    def _exact_inference(self, x: Tensor) -> Tensor:
+        """``alpha_o * conv2d(sign(x), sign(W - mean_o)) + bias`` with the scale applied after the
+        convolution: the +-1 products sum exactly (in float32 up to 2^24 terms), so the output is the
+        integer count times ``alpha`` rounded once, what the packed kernel computes, whatever order the
+        convolution sums in. Inference only (eval mode, no autograd): ``alpha`` premultiplied into the
+        weights, as in training, rounds every partial sum."""
+        signs = recu_weight(self.weight, torch.ones_like(self.alpha), self.tau, self.threshold)
+        conv = (self.stride, self.padding, self.dilation, self.groups)
+        out = sign_conv2d(x, signs, None, *conv, False, self.padding_mode)
+        out = out * self.alpha.to(out.dtype).view(1, -1, 1, 1)
+        return out if self.bias is None else out + self.bias.to(out.dtype).view(1, -1, 1, 1)
 
     def _apply(self, fn, recurse=True):
         # ``tau`` (and ``threshold``) stay float32 whatever dtype the module is cast to: a bf16 tau would
