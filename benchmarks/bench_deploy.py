@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import statistics
 import sys
@@ -306,6 +307,9 @@ def main() -> None:
         if "m5" in args.only:
             results["m5"] = m5(work)
             results["m5_no_bireal"] = m5(work, binarize.Policy(), "default policy (no Bi-Real shortcuts)")
+            recipe_policy = binarize.load_recipe("imagenet-resnet18").policy
+            avgpool = dataclasses.replace(recipe_policy, shortcut_downsample="avgpool_conv")
+            results["m5_avgpool_conv"] = m5(work, avgpool, "the recipe's policy with avgpool_conv shortcuts")
         if "m7" in args.only:
             results["m7"] = m7(work, args.rounds, args.threads, args.round_s)
         if "parity" in args.only:

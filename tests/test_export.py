@@ -287,14 +287,35 @@ def test_fold_record_of_a_cifar_resnet():
     assert len(record.layers) == 18
     assert record.layers["layer1.0.conv1"].norm == "layer1.0.bn1"
     assert all(entry.norm is not None for entry in record.layers.values())
-    assert record.float_folds == {"conv1": "bn1"}
-    assert set(record.folded_norms) == {e.norm for e in record.layers.values()} | {"bn1"}
+    assert record.float_folds == {}  # the stem comes before every binary layer: it keeps its BatchNorm
+    assert set(record.folded_norms) == {e.norm for e in record.layers.values()}
+    packed = bx.pack(binary)
+    assert isinstance(packed.bn1, nn.BatchNorm2d) and isinstance(packed.get_submodule("layer1.0.bn1"), nn.Identity)
+
+
+def test_float_convs_after_a_binary_layer_fold_their_batchnorm():
+    binary, packed = _built(ARCHITECTURES.index(("tv:resnet18", 32, binarize.Policy(shortcuts="bireal"), None)))
+    folds = bx.packed_meta(packed).float_folds
+    assert folds == {f"layer{i}.0.downsample.0": f"layer{i}.0.downsample.1" for i in (2, 3, 4)}
+    stem = packed.conv1.weight  # the source's layout: NCHW, not channels-last
+    assert stem.is_contiguous() and not stem.is_contiguous(memory_format=torch.channels_last)
+    assert isinstance(packed.bn1, nn.BatchNorm2d)
     unfolded = bx.pack(binary, fold_float_bn=False)
     assert bx.packed_meta(unfolded).float_folds == {}
-    assert isinstance(unfolded.bn1, nn.BatchNorm2d) and isinstance(unfolded.get_submodule("layer1.0.bn1"), nn.Identity)
     x = images()
     with torch.no_grad():
-        assert_close_predictions(unfolded(x), bx.pack(binary)(x), rtol=1e-5)
+        assert_close_predictions(unfolded(x), packed(x), rtol=1e-5)
+
+
+@pytest.mark.parametrize("spec", ["cifar_resnet20", "tv:resnet18"])
+def test_the_first_binary_layer_sees_bitwise_the_simulated_input(spec):
+    """The stem keeps its BatchNorm and layout: up to the first sign the packed model computes exactly what
+    the simulated one does, so a stem output within rounding of a threshold gives the same sign in both."""
+    binary = converted(spec, 32, binarize.Policy(shortcuts="bireal") if spec.startswith("tv") else None)
+    packed = bx.pack(binary)
+    first = "layer1.0.conv1"
+    inputs = [_capture_inputs(model, [first], images(3))[first] for model in (binary.eval(), packed)]
+    assert torch.equal(*inputs)
 
 
 def test_a_shortcut_between_the_conv_and_its_norm_blocks_the_fold():
@@ -384,8 +405,9 @@ def test_packed_file_round_trip_is_bitwise(r20, tmp_path):
     assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
     with pytest.raises(TrainingError):
         loaded.train()
-    for model in (loaded, packed):  # float convs take the packed layers' channels-last outputs
-        assert model.get_submodule("conv1").weight.is_contiguous(memory_format=torch.channels_last)
+    for model in (loaded, packed):  # the stem reads the user's NCHW input: it keeps the source's layout
+        stem = model.get_submodule("conv1").weight
+        assert stem.is_contiguous() and not stem.is_contiguous(memory_format=torch.channels_last)
     header = bx.read_packed_header(out)
     assert header.source == {"spec": "cifar_resnet20", "num_classes": 10}
     assert header.packed.float_dtype == "fp32" and header.packed.layers == bx.packed_meta(packed).layers
@@ -432,10 +454,13 @@ def test_fp16_file_stores_the_float_layers_in_half(r20, tmp_path):
         assert f.get_tensor("linear.weight").dtype == torch.float16
         assert f.get_tensor("conv1.weight").dtype == torch.float16
         assert f.get_tensor("layer1.0.conv1.mul").dtype == torch.float32
+        assert f.get_tensor("bn1.running_var").dtype == torch.float32  # the stem's BatchNorm, unfolded
     assert bx.read_packed_header(out16).packed.float_dtype == "fp16"
     loaded = bx.load_packed(out16)
     expected = bx.load_packed(out32)
     kept = {n for n, m in expected.named_modules() if packed_layer.is_packed_layer(m)}
+    norms = {n for n, m in expected.named_modules() if isinstance(m, nn.modules.batchnorm._NormBase)}
+    kept |= norms  # normalisation layers stay float32
     with torch.no_grad():
         for key, value in expected.state_dict().items():
             if value.is_floating_point() and key.rpartition(".")[0] not in kept:

@@ -169,8 +169,8 @@ class ReCUConv2d(nn.Conv2d):
     def _exact_inference(self, x: Tensor) -> Tensor:
         """``alpha_o * conv2d(sign(x), sign(W - mean_o)) + bias`` with the scale applied after the
         convolution: the +-1 products sum exactly (in float32 up to 2^24 terms), so the output is the
-        integer count times ``alpha`` rounded once, what the packed kernel computes, whatever order the
-        convolution sums in. Inference only (eval mode, no autograd): ``alpha`` premultiplied into the
+        integer count (the packed kernel's popcount result) times ``alpha`` rounded once, whatever order
+        the convolution sums in. Inference only (eval mode, no autograd): ``alpha`` premultiplied into the
         weights, as in training, rounds every partial sum."""
         signs = recu_weight(self.weight, torch.ones_like(self.alpha), self.tau, self.threshold)
         conv = (self.stride, self.padding, self.dilation, self.groups)
