@@ -175,8 +175,8 @@ class ReCUConv2d(nn.Conv2d):
         signs = recu_weight(self.weight, torch.ones_like(self.alpha), self.tau, self.threshold)
         conv = (self.stride, self.padding, self.dilation, self.groups)
         out = sign_conv2d(x, signs, None, *conv, False, self.padding_mode)
-        out = out * self.alpha.to(out.dtype).view(1, -1, 1, 1)
-        return out if self.bias is None else out + self.bias.to(out.dtype).view(1, -1, 1, 1)
+        out.mul_(self.alpha.to(out.dtype).view(1, -1, 1, 1))  # no autograd here: in place
+        return out if self.bias is None else out.add_(self.bias.to(out.dtype).view(1, -1, 1, 1))
 
     def _apply(self, fn, recurse=True):
         # ``tau`` (and ``threshold``) stay float32 whatever dtype the module is cast to: a bf16 tau would
