@@ -14,11 +14,8 @@ Then the graph is rewritten with the ``onnx`` package:
 
 * ``format="onnx"``: each +-1 weight initializer is replaced by a packed uint8 initializer (bits along the
   input channels, LSB first, bit 1 = -1, ``[O, kh, kw, ceil(C/8), 1]``) and an unpacking subgraph
-  (``BitShift``, ``BitwiseAnd``, ``Reshape``, ``Slice``, ``Cast``, ``Mul``, ``Add``, ``Transpose``, ``Cast``
-  to int8) whose inputs are all constants, so onnxruntime folds it when the session starts and the file
-  stays small. The binary ``Conv`` becomes ``ConvInteger`` on int8 +-1 (the sign cast to int8; its zero
-  padding contributes 0): the counts are exact int32, cast to float before the ``Mul`` and ``Add``, so
-  each binary layer computes ``float(count) * mul + add`` with the packed kernel's two roundings.
+  (``BitShift``, ``BitwiseAnd``, ``Reshape``, ``Slice``, ``Cast``, ``Mul``, ``Add``, ``Transpose``) whose
+  inputs are all constants, so onnxruntime folds it when the session starts and the file stays small.
 * ``format="qonnx"``: each binary conv's weight goes through ``BipolarQuant(W, 1)`` and its input through
   ``BipolarQuant(x, 1)`` (domain ``qonnx.custom_op.general``; ``x >= 0 -> +1``), the form FINN and the
   QONNX tools consume. onnxruntime cannot run it; ``qonnx.core.onnx_exec.execute_onnx`` can.
@@ -170,31 +167,11 @@ def _pack_weights(model, names: Sequence[str]) -> None:
             helper.make_node("Cast", [f"{w}_bit_ohwi"], [f"{w}_bit_float"], to=TensorProto.FLOAT),
             helper.make_node("Mul", [f"{w}_bit_float", "binarize_minus_two"], [f"{w}_minus_two_bits"]),
             helper.make_node("Add", [f"{w}_minus_two_bits", "binarize_one"], [f"{w}_ohwi"]),
-            helper.make_node("Transpose", [f"{w}_ohwi"], [f"{w}_float"], perm=[0, 3, 1, 2]),
-            helper.make_node("Cast", [f"{w}_float"], [w], to=TensorProto.INT8),
+            helper.make_node("Transpose", [f"{w}_ohwi"], [w], perm=[0, 3, 1, 2]),
         ]
     if inits:
         graph.initializer.extend(shared)
-    _integer_convs(graph, {init.name for init in inits.values()})
     _prepend_nodes(graph, nodes)
-
-
-def _integer_convs(graph, weights: set[str]) -> None:
-    """Turns each binary ``Conv`` into ``Cast(int8) -> ConvInteger -> Cast(float)``: the +-1 products sum
-    in int32, exactly, and the per-channel ``Mul`` and ``Add`` after it cannot be fused into the weights
-    (onnxruntime folds a ``Mul`` after a float ``Conv`` into its weights, and its sums then round)."""
-    from onnx import TensorProto, helper
-
-    for conv in [n for n in graph.node if n.op_type == "Conv" and len(n.input) > 1 and n.input[1] in weights]:
-        if len(conv.input) > 2 and conv.input[2]:
-            raise BinarizeError(f"ONNX node {conv.name} has a bias; binarize writes the bias as the Add after it")
-        x, out = conv.input[0], conv.output[0]
-        index = list(graph.node).index(conv)
-        graph.node.insert(index, helper.make_node("Cast", [x], [f"{out}_int8_input"], to=TensorProto.INT8))
-        conv.op_type = "ConvInteger"
-        conv.input[0] = f"{out}_int8_input"
-        conv.output[0] = f"{out}_int32"
-        graph.node.insert(index + 2, helper.make_node("Cast", [f"{out}_int32"], [out], to=TensorProto.FLOAT))
 
 
 def _prepend_nodes(graph, nodes: list) -> None:
