@@ -71,9 +71,11 @@ def convert_traced(gm: fx.GraphModule, model: nn.Module, policy: Policy, options
     facts = GraphFacts(gm)
     decisions = _decide(gm, facts, policy, model)
     binary = [name for name, d in decisions.items() if d.binary]
-    downsamples = frozenset(
-        str(n.target) for n in facts.layer_nodes() if n.target not in binary and facts.is_shortcut_1x1(n)
-    )
+    downsamples = frozenset()  # found before the activations are rewritten, which hides the data flow
+    if policy.shortcuts == "bireal" and policy.shortcut_downsample == "shared":
+        downsamples = frozenset(
+            str(n.target) for n in facts.layer_nodes() if n.target not in binary and facts.is_shortcut_1x1(n)
+        )
     shapes = {}
     for node in gm.graph.nodes:
         if node.op == "call_module" and node.target in decisions and node.args:
