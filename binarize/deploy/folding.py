@@ -145,7 +145,7 @@ def fold_plan(model: nn.Module, fold_float_bn: bool = True) -> PackedRecord:
 
 
 def _after_a_binary_layer(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    """Whether a binary layer (training or packed form) computes any input of ``node``."""
+    """Whether a binary conv computes any input of ``node``."""
     seen: set[fx.Node] = set()
     todo = list(node.all_input_nodes)
     while todo:
@@ -153,8 +153,7 @@ def _after_a_binary_layer(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
         if n in seen:
             continue
         seen.add(n)
-        module = modules.get(n.target) if n.op == "call_module" else None
-        if isinstance(module, ReCUConv2d) or (module is not None and _layer.is_packed_layer(module)):
+        if n.op == "call_module" and isinstance(modules[n.target], ReCUConv2d):
             return True
         todo.extend(n.all_input_nodes)
     return False
